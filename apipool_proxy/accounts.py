@@ -1,0 +1,304 @@
+"""Accounts and pool tokens, served from memory.
+
+The database is the record; this module keeps every live token (by SHA-256) and every
+user in memory so that authenticating a proxied request costs one dict lookup, and a
+logout, a revoked API token or a disabled user takes effect on the very next request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import crypto
+from .config import AuthSettings
+from .errors import ApiError
+from .log import admin_log
+from .storage import Database, UsernameTaken
+
+USERNAME_RE = re.compile(r"[A-Za-z0-9._-]{3,64}")
+MIN_PASSWORD_BYTES = 8
+MAX_PASSWORD_BYTES = 72  # bcrypt ignores everything past 72 bytes; refuse rather than truncate
+LIMIT_NAMES = ("rpm", "tpm", "daily_tokens", "max_concurrent")
+
+
+@dataclass(slots=True, eq=False)
+class User:
+    id: int
+    username: str
+    is_admin: bool
+    disabled: bool
+    created_at: float
+    limits: dict[str, int | None] = field(default_factory=dict)  # per-user overrides
+
+
+@dataclass(slots=True, eq=False)
+class Token:
+    id: int
+    user_id: int
+    kind: str  # "session" (from login) or "api" (named, long-lived)
+    name: str | None
+    created_at: float
+    expires_at: float | None
+    last_used_at: float | None
+    token_hash: bytes
+
+
+@dataclass(slots=True, frozen=True)
+class Principal:
+    """Who is calling: the user and the token they presented."""
+
+    user: User
+    token: Token
+
+
+class LoginThrottle:
+    """Counts failed logins per account and per client address in a sliding window."""
+
+    def __init__(self, max_failures: int, window: float) -> None:
+        self.max_failures = max_failures
+        self.window = window
+        self._failures: dict[str, deque[float]] = {}
+
+    def retry_after(self, subjects: list[str], now: float) -> int | None:
+        waits = []
+        for subject in subjects:
+            times = self._trim(subject, now)
+            if times is not None and len(times) >= self.max_failures:
+                waits.append(times[0] + self.window - now)
+        return max(1, int(max(waits)) + 1) if waits else None
+
+    def fail(self, subjects: list[str], now: float) -> None:
+        for subject in subjects:
+            self._failures.setdefault(subject, deque()).append(now)
+
+    def clear(self, subject: str) -> None:
+        self._failures.pop(subject, None)
+
+    def _trim(self, subject: str, now: float) -> deque[float] | None:
+        times = self._failures.get(subject)
+        if times is None:
+            return None
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[subject]
+            return None
+        return times
+
+
+class Accounts:
+    def __init__(self, db: Database, settings: AuthSettings) -> None:
+        self.db = db
+        self.settings = settings
+        self.users: dict[int, User] = {}
+        self._tokens: dict[bytes, Token] = {}
+        self._touched: dict[int, float] = {}
+        self.throttle = LoginThrottle(settings.login_max_failures, settings.login_window_seconds)
+
+    async def load(self) -> None:
+        """Read users and live tokens into memory, and apply ``auth.admins``."""
+        now = time.time()
+        admins = {name.lower() for name in self.settings.admins}
+        for row in await self.db.all_users():
+            user = _user_from_row(row)
+            if user.username.lower() in admins and not user.is_admin:
+                user.is_admin = True
+                await self._save_user(user)
+            self.users[user.id] = user
+        for row in await self.db.live_tokens(now):
+            self._tokens[row["token_hash"]] = Token(
+                id=row["id"],
+                user_id=row["user_id"],
+                kind=row["kind"],
+                name=row["name"],
+                created_at=row["created_at"],
+                expires_at=row["expires_at"],
+                last_used_at=row["last_used_at"],
+                token_hash=row["token_hash"],
+            )
+        await crypto.check_password("warm-up-the-decoy-hash", None)
+
+    # -- authentication (hot path: memory only) ------------------------------------------
+
+    def authenticate(self, bearer: str | None) -> Principal | None:
+        if not bearer or len(bearer) > 512:
+            return None
+        token = self._tokens.get(crypto.hash_token(bearer))
+        if token is None:
+            return None
+        now = time.time()
+        if token.expires_at is not None and now >= token.expires_at:
+            self._tokens.pop(token.token_hash, None)
+            return None
+        user = self.users.get(token.user_id)
+        if user is None or user.disabled:
+            return None
+        self._touched[token.id] = now
+        return Principal(user, token)
+
+    def take_touched(self) -> list[tuple[float, int]]:
+        """Token last-use times gathered since the previous call, for a batched write."""
+        touched, self._touched = self._touched, {}
+        return [(when, token_id) for token_id, when in touched.items()]
+
+    # -- registration and sessions ---------------------------------------------------------
+
+    async def register(self, username: Any, password: Any) -> User:
+        username = validate_username(username)
+        validate_password(password)
+        hashed = await crypto.hash_password(password)
+        is_admin = username.lower() in {n.lower() for n in self.settings.admins}
+        now = time.time()
+        try:
+            user_id = await self.db.create_user(username, hashed, is_admin, now)
+        except UsernameTaken:
+            raise ApiError(
+                409, "That username is already taken.", param="username", code="username_taken"
+            ) from None
+        user = User(user_id, username, is_admin, False, now)
+        self.users[user_id] = user
+        admin_log.info("registered user %d (%s)", user_id, username)
+        return user
+
+    async def login(self, username: Any, password: Any, client: str) -> tuple[str, Token]:
+        if not isinstance(username, str) or not isinstance(password, str):
+            raise ApiError(
+                400, "Both 'username' and 'password' must be strings.", code="invalid_type"
+            )
+        subjects = ["user:" + username.lower(), "addr:" + client]
+        now = time.time()
+        wait = self.throttle.retry_after(subjects, now)
+        if wait is not None:
+            raise ApiError(
+                429,
+                f"Too many failed logins; try again in {wait} s.",
+                code="too_many_logins",
+                headers={"Retry-After": str(wait)},
+            )
+        row = await self.db.user_by_name(username) if USERNAME_RE.fullmatch(username) else None
+        ok = await crypto.check_password(password[:300], row["password_hash"] if row else None)
+        user = self.users.get(row["id"]) if (ok and row) else None
+        if user is None or user.disabled:
+            self.throttle.fail(subjects, now)
+            admin_log.info("failed login from %s", client)
+            raise ApiError(401, "Invalid username or password.", code="invalid_credentials")
+        self.throttle.clear(subjects[0])
+        ttl = self.settings.session_ttl_hours * 3600
+        return await self._issue(user, "session", None, now + ttl)
+
+    async def logout(self, principal: Principal) -> None:
+        await self.revoke(principal.token)
+
+    async def revoke(self, token: Token) -> None:
+        # Drop from memory first: the token is dead for the next request even while the
+        # write is in flight.
+        self._tokens.pop(token.token_hash, None)
+        await self.db.revoke_token(token.id, time.time())
+
+    async def create_api_token(self, user: User, name: Any) -> tuple[str, Token]:
+        if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
+            raise ApiError(
+                400, "'name' must be 1-64 printable characters.", param="name", code="invalid_value"
+            )
+        return await self._issue(user, "api", name, None)
+
+    def api_tokens(self, user: User) -> list[Token]:
+        found = [t for t in self._tokens.values() if t.user_id == user.id and t.kind == "api"]
+        return sorted(found, key=lambda t: t.id)
+
+    def find_token(self, user: User, token_id: int) -> Token | None:
+        for token in self._tokens.values():
+            if token.id == token_id and token.user_id == user.id:
+                return token
+        return None
+
+    async def _issue(
+        self, user: User, kind: str, name: str | None, expires_at: float | None
+    ) -> tuple[str, Token]:
+        secret = crypto.new_token()
+        token_hash = crypto.hash_token(secret)
+        now = time.time()
+        token_id = await self.db.create_token(user.id, token_hash, kind, name, now, expires_at)
+        token = Token(token_id, user.id, kind, name, now, expires_at, None, token_hash)
+        self._tokens[token_hash] = token
+        return secret, token
+
+    # -- administration ---------------------------------------------------------------------
+
+    async def update_user(
+        self,
+        user: User,
+        *,
+        disabled: bool | None = None,
+        is_admin: bool | None = None,
+        limits: dict[str, int | None] | None = None,
+    ) -> User:
+        if disabled is not None:
+            user.disabled = disabled
+        if is_admin is not None:
+            user.is_admin = is_admin
+        if limits is not None:
+            user.limits = limits
+        await self._save_user(user)
+        return user
+
+    async def _save_user(self, user: User) -> None:
+        limits = json.dumps(user.limits) if user.limits else None
+        await self.db.save_user_flags(user.id, user.is_admin, user.disabled, limits)
+
+
+def _user_from_row(row: Any) -> User:
+    limits = json.loads(row["limits"]) if row["limits"] else {}
+    return User(
+        id=row["id"],
+        username=row["username"],
+        is_admin=bool(row["is_admin"]),
+        disabled=bool(row["disabled"]),
+        created_at=row["created_at"],
+        limits=limits,
+    )
+
+
+def validate_username(username: Any) -> str:
+    if not isinstance(username, str):
+        raise ApiError(400, "'username' must be a string.", param="username", code="invalid_type")
+    if not USERNAME_RE.fullmatch(username):
+        raise ApiError(
+            400,
+            "'username' must be 3-64 characters: letters, digits, '.', '_' or '-'.",
+            param="username",
+            code="invalid_value",
+        )
+    return username
+
+
+def validate_password(password: Any) -> str:
+    if not isinstance(password, str):
+        raise ApiError(400, "'password' must be a string.", param="password", code="invalid_type")
+    try:
+        size = len(password.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ApiError(
+            400, "'password' is not valid Unicode text.", param="password", code="invalid_value"
+        ) from None
+    if not MIN_PASSWORD_BYTES <= size <= MAX_PASSWORD_BYTES:
+        raise ApiError(
+            400,
+            f"'password' must be {MIN_PASSWORD_BYTES}-{MAX_PASSWORD_BYTES} bytes long"
+            f" (UTF-8); got {size}.",
+            param="password",
+            code="invalid_value",
+        )
+    if "\x00" in password:
+        raise ApiError(
+            400,
+            "'password' must not contain NUL characters.",
+            param="password",
+            code="invalid_value",
+        )
+    return password

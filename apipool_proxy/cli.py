@@ -1,0 +1,390 @@
+"""The ``apipool`` command: run the server, or manage your account, upstream keys and tokens.
+
+Every command except ``serve`` talks to the admin port through APIPoolClient. A failure prints
+one ``Error: ...`` line to stderr and exits with status 1 (130 when interrupted).
+"""
+
+import argparse
+import contextlib
+import getpass
+import os
+import sys
+import urllib.parse
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
+
+from .client import DEFAULT_SERVER_URL, DEFAULT_UPSTREAM_URL, APIPoolClient, APIPoolError
+
+DEFAULT_TOKEN_FILE = ".auth_token"  # noqa: S105 (a file name, not a secret)
+
+Handler = Callable[[argparse.Namespace], int]
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+_USAGE_COLUMNS = (
+    ("group", "group"),
+    ("requests", "requests"),
+    ("prompt", "prompt_tokens"),
+    ("completion", "completion_tokens"),
+    ("total", "total_tokens"),
+)
+
+
+class CommandError(Exception):
+    """A failure to report to the user as one ``Error: ...`` line."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``apipool`` command line and return its exit status."""
+    args = _build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except APIPoolError as exc:
+        return _fail(exc.message)
+    except CommandError as exc:
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(_describe_os_error(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted", status=130)
+
+
+def _fail(message: str, status: int = 1) -> int:
+    # One line, whatever the server put in its message, so scripts can grep for it.
+    text = " ".join(message.split()) or "unknown failure"
+    print(f"Error: {text}", file=sys.stderr)
+    return status
+
+
+def _describe_os_error(exc: OSError) -> str:
+    if exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return str(exc)
+
+
+# Parser
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="apipool",
+        description="Share LLM API keys in a pool behind one OpenAI-compatible proxy.",
+    )
+    # Given before the command it is the global option; the copy in `client` below also lets
+    # it come after the command (`apipool login --server URL alice`).
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        type=_server_url,
+        default=os.environ.get("APIPOOL_SERVER") or DEFAULT_SERVER_URL,
+        help=f"admin server URL (default: $APIPOOL_SERVER, else {DEFAULT_SERVER_URL})",
+    )
+    client = argparse.ArgumentParser(add_help=False)
+    client.add_argument(
+        "--server", metavar="URL", type=_server_url, default=argparse.SUPPRESS, help="as above"
+    )
+
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    serve = _command(commands, "serve", _serve, "run the proxy and admin server", [])
+    serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    _add_account_commands(commands, [client])
+    _add_key_commands(commands, [client])
+    _add_token_commands(commands, [client])
+    _add_usage_command(commands, [client])
+    return parser
+
+
+def _command(
+    commands: Subcommands,
+    name: str,
+    handler: Handler,
+    summary: str,
+    parents: list[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=summary, description=summary, parents=parents)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_account_commands(commands: Subcommands, parents: list[argparse.ArgumentParser]) -> None:
+    for name, handler, summary in (
+        ("register", _register, "create an account"),
+        ("login", _login, "log in and save the token"),
+    ):
+        parser = _command(commands, name, handler, summary, parents)
+        parser.add_argument("username", metavar="USER")
+        parser.add_argument("password", metavar="PASS", nargs="?", help="asked when left out")
+    _command(commands, "logout", _logout, "revoke the saved token and delete it", parents)
+    _command(commands, "whoami", _whoami, "show the logged-in account", parents)
+
+
+def _add_key_commands(commands: Subcommands, parents: list[argparse.ArgumentParser]) -> None:
+    add = _command(commands, "add-key", _add_key, "contribute an upstream API key", parents)
+    add.add_argument("key", metavar="KEY", nargs="?", help="asked when left out")
+    add.add_argument(
+        "--base-url", metavar="URL", default=DEFAULT_UPSTREAM_URL, help="upstream API base URL"
+    )
+    _add_key_limits(add)
+
+    _command(commands, "list-keys", _list_keys, "list your upstream keys", parents)
+    remove = _command(commands, "remove-key", _remove_key, "delete an upstream key", parents)
+    remove.add_argument("key_id", metavar="ID")
+
+    update = _command(commands, "update-key", _update_key, "change an upstream key", parents)
+    update.add_argument("key_id", metavar="ID")
+    _add_key_limits(update)
+    switch = update.add_mutually_exclusive_group()
+    switch.add_argument("--enable", dest="enabled", action="store_const", const=True)
+    switch.add_argument("--disable", dest="enabled", action="store_const", const=False)
+
+    check = _command(commands, "check-key", _check_key, "test an upstream key now", parents)
+    check.add_argument("key_id", metavar="ID")
+
+
+def _add_key_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", metavar="A,B", type=_model_list, help="comma-separated")
+    parser.add_argument("--label", metavar="LABEL")
+    parser.add_argument("--max-concurrent", metavar="N", type=int)
+    parser.add_argument("--rpm", metavar="N", type=int, help="requests per minute")
+
+
+def _add_token_commands(commands: Subcommands, parents: list[argparse.ArgumentParser]) -> None:
+    tokens = commands.add_parser("tokens", help="manage pool tokens for the proxy")
+    actions = tokens.add_subparsers(title="actions", metavar="ACTION", required=True)
+    create = _command(actions, "create", _create_token, "create a pool token", parents)
+    create.add_argument("name", metavar="NAME")
+    _command(actions, "list", _list_tokens, "list your pool tokens", parents)
+    revoke = _command(actions, "revoke", _revoke_token, "revoke a pool token", parents)
+    revoke.add_argument("token_id", metavar="ID")
+
+
+def _add_usage_command(commands: Subcommands, parents: list[argparse.ArgumentParser]) -> None:
+    usage = _command(commands, "usage", _usage, "show your token usage", parents)
+    usage.add_argument("--since", metavar="DATE", help="ISO 8601 date or time")
+    usage.add_argument("--until", metavar="DATE", help="ISO 8601 date or time")
+    usage.add_argument("--group-by", choices=("day", "model", "key"), default="day")
+
+
+def _server_url(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
+        raise argparse.ArgumentTypeError("expected an http:// or https:// URL without credentials")
+    return text
+
+
+def _model_list(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+# Commands
+
+
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here so that account commands work without loading the server and its
+    # dependencies.
+    from .server import run
+
+    return run(args.config)
+
+
+def _register(args: argparse.Namespace) -> int:
+    password = args.password if args.password is not None else _ask("Password: ")
+    user_id = APIPoolClient(args.server).register(args.username, password)
+    print(f"Registered successfully. User ID: {user_id}")
+    return 0
+
+
+def _login(args: argparse.Namespace) -> int:
+    password = args.password if args.password is not None else _ask("Password: ")
+    token = APIPoolClient(args.server).login(args.username, password)
+    _save_token(token)
+    print("Logged in successfully. Token saved.")
+    return 0
+
+
+def _logout(args: argparse.Namespace) -> int:
+    client = _logged_in_client(args)
+    # The file goes even when the server refuses: a token it rejects is of no further use, and
+    # an unreachable server must not leave the user stuck "logged in".
+    try:
+        client.logout()
+    finally:
+        _forget_token()
+    print("Logged out successfully.")
+    return 0
+
+
+def _whoami(args: argparse.Namespace) -> int:
+    me = _logged_in_client(args).me()
+    admin = " [admin]" if me.get("is_admin") else ""
+    print(f"{me.get('username')} (user id {me.get('user_id')}){admin}")
+    return 0
+
+
+def _add_key(args: argparse.Namespace) -> int:
+    client = _logged_in_client(args)
+    secret = args.key if args.key is not None else _ask("Upstream API key: ")
+    key = client.add_key(
+        secret,
+        base_url=args.base_url,
+        models=args.models or None,
+        label=args.label,
+        max_concurrent=args.max_concurrent,
+        rpm=args.rpm,
+    )
+    print("Key added successfully.")
+    print(_key_line(key))
+    return 0
+
+
+def _list_keys(args: argparse.Namespace) -> int:
+    keys = _logged_in_client(args).list_keys()
+    print("Your Keys:")
+    _print_lines([_key_line(key) for key in keys])
+    return 0
+
+
+def _remove_key(args: argparse.Namespace) -> int:
+    _logged_in_client(args).delete_key(args.key_id)
+    print(f"Key {args.key_id} removed.")
+    return 0
+
+
+def _update_key(args: argparse.Namespace) -> int:
+    fields = {
+        name: getattr(args, name)
+        for name in ("label", "models", "enabled", "max_concurrent", "rpm")
+        if getattr(args, name) is not None
+    }
+    if not fields:
+        raise CommandError("nothing to update (give --label, --models, --enable, --disable, ...)")
+    _logged_in_client(args).update_key(args.key_id, **fields)
+    print(f"Key {args.key_id} updated.")
+    return 0
+
+
+def _check_key(args: argparse.Namespace) -> int:
+    key = _logged_in_client(args).check_key(args.key_id)
+    print(f"Key {args.key_id} is {key.get('status')}.")
+    return 0
+
+
+def _create_token(args: argparse.Namespace) -> int:
+    created = _logged_in_client(args).create_token(args.name)
+    print("Token created. Save it now, it will not be shown again:")
+    print(created.get("token"))
+    return 0
+
+
+def _list_tokens(args: argparse.Namespace) -> int:
+    tokens = _logged_in_client(args).list_tokens()
+    print("Your Tokens:")
+    _print_lines([_token_line(token) for token in tokens])
+    return 0
+
+
+def _revoke_token(args: argparse.Namespace) -> int:
+    _logged_in_client(args).revoke_token(args.token_id)
+    print(f"Token {args.token_id} revoked.")
+    return 0
+
+
+def _usage(args: argparse.Namespace) -> int:
+    client = _logged_in_client(args)
+    report = client.usage(since=args.since, until=args.until, group_by=args.group_by)
+    _print_lines(_usage_table(report.get("rows") or []))
+    contributed = report.get("contributed") or []
+    if contributed:
+        print()
+        print("Used from your keys by others:")
+        _print_lines(_usage_table(contributed))
+    return 0
+
+
+# Token file and prompts
+
+
+def _token_path() -> str:
+    return os.environ.get("APIPOOL_TOKEN_FILE") or DEFAULT_TOKEN_FILE
+
+
+def _logged_in_client(args: argparse.Namespace) -> APIPoolClient:
+    try:
+        with open(_token_path(), encoding="utf-8") as file:
+            token = file.read().strip()
+    except FileNotFoundError:
+        token = ""
+    if not token:
+        raise CommandError("not logged in (run 'apipool login USER' first)")
+    return APIPoolClient(args.server, token=token)
+
+
+def _save_token(token: str) -> None:
+    path = _token_path()
+    # os.open applies the 0o600 mode only when it creates the file, so an older file (perhaps
+    # more readable) is removed first; O_EXCL also refuses to follow a symlink left at the path.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(token + "\n")
+
+
+def _forget_token() -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_token_path())
+
+
+def _ask(prompt: str) -> str:
+    try:
+        return getpass.getpass(prompt)
+    except EOFError:
+        raise CommandError("no input: give it on the command line or from a terminal") from None
+
+
+# Output
+
+
+def _print_lines(lines: list[str]) -> None:
+    print("\n".join(lines) if lines else "(none)")
+
+
+def _key_line(key: dict[str, Any]) -> str:
+    fields = {
+        "id": key.get("id"),
+        "label": key.get("label") or "-",
+        "base_url": key.get("base_url"),
+        "models": ",".join(key.get("models") or []) or "any",
+        "status": key.get("status"),
+        "visibility": key.get("visibility"),
+    }
+    return f"- {key.get('masked_key')}  " + "  ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def _token_line(token: dict[str, Any]) -> str:
+    fields = {
+        "id": token.get("id"),
+        "name": token.get("name"),
+        "created": token.get("created_at"),
+        "last_used": token.get("last_used_at") or "never",
+    }
+    return "- " + "  ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def _usage_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Format usage rows as aligned columns: the group on the left, counts on the right."""
+    header = [title for title, _ in _USAGE_COLUMNS]
+    cells = [[_cell(row.get(field)) for _, field in _USAGE_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    table = [_table_row(header, widths), _table_row(["-" * w for w in widths], widths)]
+    return table + ([_table_row(line, widths) for line in cells] or ["(none)"])
+
+
+def _table_row(cells: list[str], widths: list[int]) -> str:
+    first = cells[0].ljust(widths[0])
+    rest = [cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True)]
+    return "  ".join([first, *rest]).rstrip()
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)

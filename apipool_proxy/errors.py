@@ -1,0 +1,136 @@
+"""The OpenAI error envelope, built in one place for both ports.
+
+Every error the proxy or the admin API makes itself has the shape OpenAI uses,
+``{"error": {"message", "type", "param", "code"}}``, so the official SDKs raise the
+matching exception class (``AuthenticationError`` for 401, ``RateLimitError`` for 429...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from aiohttp import web
+
+from .log import redact, server_log
+
+# The ``type`` OpenAI uses for each status; the SDKs pick exception classes by status.
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    410: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "upstream_error",
+}
+
+
+class ApiError(Exception):
+    """An error the caller should see, raised anywhere below a handler."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type
+        self.headers = dict(headers or {})
+
+    def response(self) -> web.Response:
+        return error_response(
+            self.status,
+            self.message,
+            code=self.code,
+            param=self.param,
+            type=self.type,
+            headers=self.headers,
+        )
+
+
+def error_body(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    type: str | None = None,
+) -> bytes:
+    error = {
+        "message": redact(message),
+        "type": type or _TYPE_BY_STATUS.get(status, "api_error"),
+        "param": param,
+        "code": code,
+    }
+    return json.dumps({"error": error}).encode()
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    type: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    body = error_body(status, message, code=code, param=param, type=type)
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+# aiohttp's own HTTP exceptions (unknown route, wrong method, body too large) mapped to
+# messages and codes in the envelope, instead of aiohttp's text/plain pages.
+_HTTP_EXCEPTION_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Turn every failure below a handler into the envelope; never an HTML page or a trace."""
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _from_http_exception(request, exc)
+    except Exception:
+        # A bug of ours: log it (the formatter redacts secrets), answer without details.
+        server_log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "The server had an error processing your request.")
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    if exc.status == 404:
+        message = f"Unknown request URL: {request.method} {request.path}."
+    elif exc.status == 405:
+        message = f"Method {request.method} is not allowed for {request.path}."
+    elif exc.status == 413:
+        message = "The request body is too large."
+    else:
+        message = exc.reason or "Bad request."
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+    if logging.getLogger("apipool_proxy.server").isEnabledFor(logging.DEBUG):
+        server_log.debug("%s %s -> %s", request.method, request.path, exc.status)
+    return error_response(
+        exc.status, message, code=_HTTP_EXCEPTION_CODES.get(exc.status), headers=headers
+    )

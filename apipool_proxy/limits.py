@@ -1,0 +1,155 @@
+"""Per-user limits: requests and tokens per minute, tokens per day, concurrent requests.
+
+Counters live in memory. Tokens are counted as upstreams report them, after the fact: a
+request is admitted on what the user has already used, never on a guess of what it will
+use. Daily totals are seeded from the usage table at startup so a restart forgives nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import LimitSettings
+from .errors import ApiError
+
+WINDOW = 60.0
+DAY = 86400.0
+
+
+@dataclass(slots=True)
+class Limits:
+    rpm: int | None = None
+    tpm: int | None = None
+    daily_tokens: int | None = None
+    max_concurrent: int | None = None
+
+
+@dataclass(slots=True)
+class UserCounters:
+    starts: deque[float] = field(default_factory=deque)
+    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    tokens_in_window: int = 0
+    day: int = 0
+    tokens_today: int = 0
+    in_flight: int = 0
+
+
+class Limiter:
+    def __init__(self, defaults: LimitSettings) -> None:
+        self.defaults = defaults
+        self._counters: dict[int, UserCounters] = {}
+
+    def limits_for(self, overrides: dict[str, int | None]) -> Limits:
+        d = self.defaults
+        limits = Limits(d.rpm, d.tpm, d.daily_tokens, d.max_concurrent)
+        for name, value in overrides.items():
+            setattr(limits, name, value)
+        return limits
+
+    def seed_today(self, user_id: int, tokens: int, now: float) -> None:
+        counters = self._get(user_id, now)
+        counters.tokens_today += tokens
+
+    def admit(self, user_id: int, limits: Limits, now: float) -> UserCounters:
+        """Count a request start, or raise 429 with Retry-After when a limit is reached."""
+        counters = self._get(user_id, now)
+        self._trim(counters, now)
+        if limits.max_concurrent is not None and counters.in_flight >= limits.max_concurrent:
+            raise _limited(
+                f"You have {counters.in_flight} requests in flight, your limit is"
+                f" {limits.max_concurrent}.",
+                1,
+            )
+        if limits.rpm is not None and len(counters.starts) >= limits.rpm:
+            wait = counters.starts[0] + WINDOW - now
+            raise _limited(f"Rate limit reached: {limits.rpm} requests per minute.", wait)
+        if limits.tpm is not None and counters.tokens_in_window >= limits.tpm:
+            wait = counters.tokens[0][0] + WINDOW - now if counters.tokens else 1
+            raise _limited(f"Rate limit reached: {limits.tpm} tokens per minute.", wait)
+        if limits.daily_tokens is not None and counters.tokens_today >= limits.daily_tokens:
+            wait = (counters.day + 1) * DAY - now
+            raise _limited(
+                f"Daily token limit reached: {limits.daily_tokens} tokens per day (UTC).", wait
+            )
+        counters.starts.append(now)
+        counters.in_flight += 1
+        return counters
+
+    def finish(self, counters: UserCounters, tokens: int | None, now: float) -> None:
+        counters.in_flight -= 1
+        if tokens:
+            self._roll_day(counters, now)
+            counters.tokens.append((now, tokens))
+            counters.tokens_in_window += tokens
+            counters.tokens_today += tokens
+
+    def headers(self, counters: UserCounters, limits: Limits, now: float) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for the caller's own per-minute limits."""
+        headers: dict[str, str] = {}
+        if limits.rpm is not None:
+            reset = counters.starts[0] + WINDOW - now if counters.starts else 0.0
+            headers["x-ratelimit-limit-requests"] = str(limits.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(
+                max(0, limits.rpm - len(counters.starts))
+            )
+            headers["x-ratelimit-reset-requests"] = _duration(reset)
+        if limits.tpm is not None:
+            reset = counters.tokens[0][0] + WINDOW - now if counters.tokens else 0.0
+            headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(
+                max(0, limits.tpm - counters.tokens_in_window)
+            )
+            headers["x-ratelimit-reset-tokens"] = _duration(reset)
+        return headers
+
+    def _get(self, user_id: int, now: float) -> UserCounters:
+        counters = self._counters.get(user_id)
+        if counters is None:
+            counters = self._counters[user_id] = UserCounters(day=int(now // DAY))
+        return counters
+
+    def _trim(self, counters: UserCounters, now: float) -> None:
+        horizon = now - WINDOW
+        starts = counters.starts
+        while starts and starts[0] <= horizon:
+            starts.popleft()
+        tokens = counters.tokens
+        while tokens and tokens[0][0] <= horizon:
+            counters.tokens_in_window -= tokens.popleft()[1]
+        self._roll_day(counters, now)
+
+    @staticmethod
+    def _roll_day(counters: UserCounters, now: float) -> None:
+        day = int(now // DAY)
+        if day != counters.day:
+            counters.day = day
+            counters.tokens_today = 0
+
+
+def _limited(message: str, wait: float) -> ApiError:
+    seconds = max(1, math.ceil(wait))
+    return ApiError(
+        429,
+        f"{message} Try again in {seconds} s.",
+        code="rate_limit_exceeded",
+        type="requests",
+        headers={"Retry-After": str(seconds)},
+    )
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: "1s", "6m0s", "20ms"."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{int(seconds * 1000)}ms"
+    minutes, secs = divmod(int(math.ceil(seconds)), 60)
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def today_start(now: float | None = None) -> float:
+    now = time.time() if now is None else now
+    return (now // DAY) * DAY

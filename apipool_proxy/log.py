@@ -1,0 +1,132 @@
+"""The project's named loggers, and the formatter that keeps secrets out of every line.
+
+Loggers are declared here once so that every module logs under the same names:
+``apipool_proxy.access`` (one line per proxied request), ``.pool`` (key state changes),
+``.upstream`` (talking to upstreams), ``.admin`` (accounts and keys), ``.server``
+(lifecycle) and ``.storage``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+import time
+
+access_log = logging.getLogger("apipool_proxy.access")
+pool_log = logging.getLogger("apipool_proxy.pool")
+upstream_log = logging.getLogger("apipool_proxy.upstream")
+admin_log = logging.getLogger("apipool_proxy.admin")
+server_log = logging.getLogger("apipool_proxy.server")
+storage_log = logging.getLogger("apipool_proxy.storage")
+
+REDACTED = "[redacted]"
+
+# Shapes of secrets we can recognise without knowing them: our own pool tokens and the
+# common upstream key formats (OpenAI/OpenRouter/Groq/NVIDIA style prefixes, bearer values).
+_SECRET_SHAPES = re.compile(
+    r"(?:ap-[A-Za-z0-9_-]{20,}"
+    r"|sk-[A-Za-z0-9_*-]{8,}"
+    r"|gsk_[A-Za-z0-9]{8,}"
+    r"|nvapi-[A-Za-z0-9_-]{8,}"
+    r"|AIza[A-Za-z0-9_-]{20,}"
+    r"|(?<=Bearer )[^\s\"',]{8,})"
+)
+
+
+class SecretRegistry:
+    """Every upstream key value the process holds, so they can be redacted by value.
+
+    Keys of any shape (a local vLLM may take "hunter2") are caught here, where the
+    shape patterns above would miss them.
+    """
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+        self._pattern: re.Pattern[str] | None = None
+        self._lock = threading.Lock()
+
+    def add(self, value: str) -> None:
+        # Very short values would redact ordinary words; they are rejected at input anyway.
+        if len(value) < 4:
+            return
+        with self._lock:
+            self._values.add(value)
+            self._pattern = None
+
+    def discard(self, value: str) -> None:
+        with self._lock:
+            self._values.discard(value)
+            self._pattern = None
+
+    def redact(self, text: str) -> str:
+        pattern = self._compiled()
+        if pattern is not None:
+            text = pattern.sub(REDACTED, text)
+        return _SECRET_SHAPES.sub(REDACTED, text)
+
+    def _compiled(self) -> re.Pattern[str] | None:
+        pattern = self._pattern
+        if pattern is None and self._values:
+            with self._lock:
+                longest_first = sorted(self._values, key=len, reverse=True)
+                pattern = re.compile("|".join(re.escape(v) for v in longest_first))
+                self._pattern = pattern
+        return pattern
+
+
+secrets = SecretRegistry()
+
+
+def redact(text: str) -> str:
+    """Remove every known upstream key and anything shaped like a token from ``text``."""
+    return secrets.redact(text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats a record as text or JSON, then strips secrets from the whole line.
+
+    Redacting the final line (tracebacks included) rather than the arguments means no
+    code path can forget to do it.
+    """
+
+    def __init__(self, fmt: str = "text") -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.json = fmt == "json"
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.json:
+            line = self._format_json(record)
+        else:
+            line = super().format(record)
+        return redact(line)
+
+    def _format_json(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """Send the project's loggers (and aiohttp's) to stderr through the redacting formatter."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(RedactingFormatter(fmt))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    # aiohttp's own access log duplicates ours and would print raw paths.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -1,0 +1,103 @@
+"""One pooled upstream key and its live state."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+
+class KeyStatus(enum.StrEnum):
+    ACTIVE = "active"
+    COOLING = "cooling"  # rate-limited or failing; usable again after cooldown_until
+    EXHAUSTED = "exhausted"  # out of quota; a long cooldown, then tried again
+    INVALID = "invalid"  # rejected by its upstream (401/403); waits for its owner
+    DISABLED = "disabled"  # switched off by its owner
+
+
+class Visibility(enum.StrEnum):
+    SHARED = "shared"  # on a well-known host: serves everyone
+    PRIVATE = "private"  # on another host: serves its owner only
+    APPROVED = "approved"  # on another host, but an admin let it serve everyone
+
+
+@dataclass(slots=True, eq=False)
+class PooledKey:
+    id: int
+    owner_id: int
+    base_url: str
+    secret: str
+    masked: str
+    label: str | None = None
+    models: frozenset[str] | None = None  # given by the owner; None means "ask upstream"
+    discovered_models: frozenset[str] | None = None  # from upstream GET /models
+    enabled: bool = True
+    on_shared_host: bool = True
+    approved: bool = False
+    status: KeyStatus = KeyStatus.ACTIVE
+    cooldown_until: float | None = None
+    last_error: str | None = None
+    max_concurrent: int | None = None
+    rpm: int | None = None
+    no_stream_options: bool = False
+    created_at: float = 0.0
+    last_used_at: float | None = None
+    # Live counters, never persisted.
+    in_flight: int = 0
+    failures: int = 0
+    recent_starts: deque[float] = field(default_factory=deque)
+    auth_header: str = ""
+    host: str = ""
+
+    def __post_init__(self) -> None:
+        self.auth_header = "Bearer " + self.secret
+        self.base_url = self.base_url.rstrip("/")
+        self.host = urlsplit(self.base_url).hostname or ""
+
+    @property
+    def visibility(self) -> Visibility:
+        if self.on_shared_host:
+            return Visibility.SHARED
+        return Visibility.APPROVED if self.approved else Visibility.PRIVATE
+
+    def usable_by(self, user_id: int) -> bool:
+        return self.owner_id == user_id or self.on_shared_host or self.approved
+
+    def served_models(self) -> frozenset[str] | None:
+        """The models this key serves, or None while that is unknown (try it for any)."""
+        return self.models if self.models is not None else self.discovered_models
+
+    def effective_status(self, now: float) -> KeyStatus:
+        """The status with expired cooldowns taken into account."""
+        if not self.enabled:
+            return KeyStatus.DISABLED
+        if self.status in (KeyStatus.COOLING, KeyStatus.EXHAUSTED):
+            if self.cooldown_until is None or now >= self.cooldown_until:
+                return KeyStatus.ACTIVE
+        return self.status
+
+    def at_capacity(self, now: float) -> bool:
+        if self.max_concurrent is not None and self.in_flight >= self.max_concurrent:
+            return True
+        if self.rpm is not None:
+            starts = self.recent_starts
+            while starts and starts[0] <= now - 60.0:
+                starts.popleft()
+            return len(starts) >= self.rpm
+        return False
+
+    def capacity_free_at(self, now: float) -> float:
+        """When a key held back only by its rpm cap frees a slot."""
+        if self.rpm is not None and self.recent_starts and len(self.recent_starts) >= self.rpm:
+            return self.recent_starts[0] + 60.0
+        return now + 1.0
+
+    def begin(self, now: float | None = None) -> None:
+        self.in_flight += 1
+        if self.rpm is not None:
+            self.recent_starts.append(now if now is not None else time.time())
+
+    def end(self) -> None:
+        self.in_flight -= 1

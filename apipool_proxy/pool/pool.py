@@ -1,0 +1,242 @@
+"""The pool: every upstream key in memory, indexed by model, and the choice of a key."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Iterator
+
+from ..log import pool_log, redact
+from .health import EXHAUSTED_COOLDOWN, Outcome, Verdict, backoff_seconds
+from .keys import KeyStatus, PooledKey
+
+STRATEGIES = ("least_busy", "round_robin", "random")
+
+
+class NoKeyAvailable(Exception):
+    """No key can take this request now; ``status`` and the message say why."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.retry_after = retry_after
+
+
+class KeyPool:
+    def __init__(self, strategy: str = "least_busy", prefer_own_keys: bool = True) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}")
+        self.strategy = strategy
+        self.prefer_own_keys = prefer_own_keys
+        self._keys: dict[int, PooledKey] = {}
+        # model -> ids of keys known to serve it; keys whose models are unknown are kept
+        # apart and offered for every model until their upstream tells us.
+        self._by_model: dict[str, set[int]] = {}
+        self._open: set[int] = set()
+        self._turn = 0
+        # Keys whose persisted state (status, cooldown, last error...) changed.
+        self.dirty: set[int] = set()
+
+    # -- membership ---------------------------------------------------------------------
+
+    def add(self, key: PooledKey) -> None:
+        self._keys[key.id] = key
+        self._index(key)
+
+    def remove(self, key_id: int) -> PooledKey | None:
+        key = self._keys.pop(key_id, None)
+        if key is not None:
+            self._unindex(key)
+            self.dirty.discard(key_id)
+        return key
+
+    def get(self, key_id: int) -> PooledKey | None:
+        return self._keys.get(key_id)
+
+    def __iter__(self) -> Iterator[PooledKey]:
+        return iter(list(self._keys.values()))
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    @property
+    def known_models(self) -> dict[str, set[int]]:
+        """Model name -> ids of the keys known to serve it."""
+        return self._by_model
+
+    def owned_by(self, user_id: int) -> list[PooledKey]:
+        return [k for k in self._keys.values() if k.owner_id == user_id]
+
+    def set_models(self, key: PooledKey, models: frozenset[str] | None, discovered: bool) -> None:
+        """Change what a key serves and keep the model index in step."""
+        self._unindex(key)
+        if discovered:
+            key.discovered_models = models
+        else:
+            key.models = models
+        self._index(key)
+
+    def _index(self, key: PooledKey) -> None:
+        served = key.served_models()
+        if served is None:
+            self._open.add(key.id)
+            return
+        for model in served:
+            self._by_model.setdefault(model, set()).add(key.id)
+
+    def _unindex(self, key: PooledKey) -> None:
+        self._open.discard(key.id)
+        for model in list(self._by_model):
+            ids = self._by_model[model]
+            ids.discard(key.id)
+            if not ids:
+                del self._by_model[model]
+
+    # -- choosing a key -----------------------------------------------------------------
+
+    def candidates(self, model: str | None, user_id: int) -> list[PooledKey]:
+        """Keys this user may use that serve ``model`` (any model when None)."""
+        if model is None:
+            ids: Iterable[int] = self._keys.keys()
+        else:
+            ids = self._by_model.get(model, set()) | self._open
+        keys = self._keys
+        return [keys[i] for i in ids if keys[i].usable_by(user_id)]
+
+    def choose(self, model: str | None, user_id: int, tried: set[int], now: float) -> PooledKey:
+        """Pick the key for the next attempt, or raise :class:`NoKeyAvailable`."""
+        candidates = self.candidates(model, user_id)
+        ready = [
+            k
+            for k in candidates
+            if k.id not in tried
+            and k.effective_status(now) is KeyStatus.ACTIVE
+            and not k.at_capacity(now)
+        ]
+        if not ready:
+            raise self._explain(model, candidates, tried, now)
+        if self.prefer_own_keys:
+            own = [k for k in ready if k.owner_id == user_id]
+            if own:
+                ready = own
+        return self._pick(ready)
+
+    def _pick(self, ready: list[PooledKey]) -> PooledKey:
+        if len(ready) == 1:
+            return ready[0]
+        if self.strategy == "least_busy":
+            least = min(k.in_flight for k in ready)
+            return random.choice([k for k in ready if k.in_flight == least])  # noqa: S311
+        if self.strategy == "round_robin":
+            ready.sort(key=lambda k: k.id)
+            self._turn += 1
+            return ready[self._turn % len(ready)]
+        return random.choice(ready)  # noqa: S311 - load spreading, not security
+
+    def _explain(
+        self, model: str | None, candidates: list[PooledKey], tried: set[int], now: float
+    ) -> NoKeyAvailable:
+        what = f"model '{model}'" if model else "this request"
+        if not candidates:
+            if model is None:
+                return NoKeyAvailable(
+                    503, "The pool has no upstream key you can use yet.", code="no_keys"
+                )
+            return NoKeyAvailable(
+                404,
+                f"The model '{model}' does not exist or no key in the pool serves it.",
+                code="model_not_found",
+            )
+        waits: list[float] = []
+        counts: dict[str, int] = {}
+        for key in candidates:
+            reason, ready_at = _unavailable_reason(key, tried, now)
+            counts[reason] = counts.get(reason, 0) + 1
+            if ready_at is not None:
+                waits.append(ready_at - now)
+        summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+        noun = "key" if len(candidates) == 1 else "keys"
+        if waits and len(waits) == len(candidates) - counts.get("already tried", 0):
+            wait = max(1, math.ceil(min(waits)))
+            return NoKeyAvailable(
+                429,
+                f"Every key for {what} is busy or rate-limited ({summary}); the first is"
+                f" ready again in {wait} s.",
+                code="rate_limit_exceeded",
+                retry_after=wait,
+            )
+        return NoKeyAvailable(
+            503,
+            f"No usable key for {what}: the {len(candidates)} {noun} that serve it are {summary}.",
+            code="no_usable_key",
+            retry_after=math.ceil(min(waits)) if waits else None,
+        )
+
+    # -- health ---------------------------------------------------------------------------
+
+    def record(self, key: PooledKey, verdict: Verdict, error: str | None, now: float) -> None:
+        """Apply what the upstream answered to the key's state."""
+        outcome = verdict.outcome
+        if outcome in (Outcome.OK, Outcome.CALLER_ERROR):
+            key.failures = 0
+            if key.status is not KeyStatus.ACTIVE and key.effective_status(now) is not (
+                KeyStatus.INVALID
+            ):
+                self._set(key, KeyStatus.ACTIVE, None, None)
+            return
+        key.failures += 1
+        error = redact(error)[:500] if error else outcome.value
+        if outcome is Outcome.RATE_LIMITED:
+            wait = verdict.retry_after or backoff_seconds(key.failures)
+            self._set(key, KeyStatus.COOLING, now + wait, error)
+        elif outcome is Outcome.EXHAUSTED:
+            self._set(key, KeyStatus.EXHAUSTED, now + EXHAUSTED_COOLDOWN, error)
+        elif outcome is Outcome.INVALID:
+            self._set(key, KeyStatus.INVALID, None, error)
+        elif key.failures >= 2 or verdict.retry_after:
+            # One 5xx or dropped connection can be bad luck; a second in a row is a pattern.
+            wait = verdict.retry_after or backoff_seconds(key.failures - 1)
+            self._set(key, KeyStatus.COOLING, now + wait, error)
+        else:
+            key.last_error = error
+            self.dirty.add(key.id)
+
+    def _set(
+        self, key: PooledKey, status: KeyStatus, until: float | None, error: str | None
+    ) -> None:
+        if status is not key.status:
+            pool_log.warning(
+                "key %d (%s) %s -> %s%s",
+                key.id,
+                key.masked,
+                key.status.value,
+                status.value,
+                f": {error}" if error else "",
+            )
+        key.status = status
+        key.cooldown_until = until
+        if error is not None or status is KeyStatus.ACTIVE:
+            key.last_error = error
+        self.dirty.add(key.id)
+
+    def reset(self, key: PooledKey) -> None:
+        """Forget a key's failures (its owner re-checked or re-enabled it)."""
+        key.failures = 0
+        self._set(key, KeyStatus.ACTIVE, None, None)
+
+
+def _unavailable_reason(key: PooledKey, tried: set[int], now: float) -> tuple[str, float | None]:
+    if key.id in tried:
+        return "already tried", None
+    status = key.effective_status(now)
+    if status is KeyStatus.COOLING and key.cooldown_until is not None:
+        return "cooling down", key.cooldown_until
+    if status is KeyStatus.EXHAUSTED and key.cooldown_until is not None:
+        return "out of quota", None
+    if status is KeyStatus.ACTIVE and key.at_capacity(now):
+        return "at capacity", key.capacity_free_at(now)
+    return status.value, None

@@ -1,0 +1,95 @@
+"""Reading the caller's body once and finding what routing needs in it."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import ApiError
+
+
+@dataclass(slots=True)
+class RequestBody:
+    raw: bytes
+    json: dict[str, Any] | None  # the parsed object, when the body is a JSON object
+    model: str | None
+    stream: bool
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole body, refusing anything over ``limit`` bytes with 413."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The request body is larger than the proxy accepts ({limit // (1024 * 1024)} MiB).",
+        code="request_too_large",
+    )
+
+
+def inspect_body(content_type: str, raw: bytes) -> RequestBody:
+    """Parse a JSON body (once) or scan a multipart form for the ``model`` field."""
+    if not raw:
+        return RequestBody(raw, None, None, False)
+    if content_type == "application/json" or content_type.endswith("+json"):
+        return _inspect_json(raw)
+    if content_type == "multipart/form-data":
+        return RequestBody(raw, None, _multipart_model(raw), False)
+    return RequestBody(raw, None, None, False)
+
+
+def _inspect_json(raw: bytes) -> RequestBody:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "The request body is not valid UTF-8.", code="invalid_body") from None
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ApiError(400, "The JSON body is nested too deeply.", code="invalid_json") from None
+    except ValueError as exc:
+        raise ApiError(
+            400,
+            f"We could not parse the JSON body of your request ({exc.msg} at position {exc.pos}).",  # type: ignore[attr-defined]
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        return RequestBody(raw, None, None, False)
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string.", param="model", code="invalid_type")
+    return RequestBody(raw, data, model, data.get("stream") is True)
+
+
+_MODEL_PART = re.compile(
+    rb'Content-Disposition:[^\r\n]*name="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{0,512})\r\n',
+    re.IGNORECASE,
+)
+
+
+def _multipart_model(raw: bytes) -> str | None:
+    # The form's other parts may be megabytes of audio; a bounded regex finds the small
+    # "model" part without parsing the rest.
+    match = _MODEL_PART.search(raw)
+    if match is None:
+        return None
+    try:
+        return match.group(1).decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None

@@ -1,0 +1,114 @@
+"""What the proxy knows about one /v1 request while serving it, and how it is recorded."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from ..accounts import Principal
+from ..log import access_log
+from ..pool import PooledKey
+from ..usage import UsageRecord
+from .sse import TokenCounts
+
+# Second path segments that name an operation rather than an object id, so that
+# "/audio/speech" is an endpoint while "/files/file-abc" is "/files".
+_OPERATIONS = frozenset(
+    {
+        "completions",
+        "speech",
+        "transcriptions",
+        "translations",
+        "generations",
+        "edits",
+        "variations",
+        "jobs",
+        "input_tokens",
+        "compact",
+    }
+)
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+def endpoint_of(path: str) -> str:
+    """A bounded label for a /v1 path: "/chat/completions", "/files", "/audio/speech"..."""
+    parts = path[3:].split("/", 3)  # path starts with "/v1"
+    if len(parts) < 2 or not parts[1]:
+        return "/"
+    if len(parts) > 2 and parts[2] in _OPERATIONS:
+        return f"/{parts[1]}/{parts[2]}"
+    return "/" + parts[1]
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    principal: Principal
+    method: str
+    path: str
+    endpoint: str
+    started: float
+    model: str | None = None
+    stream: bool = False
+    attempts: int = 0
+    key: PooledKey | None = None
+    status: int = 0
+    tokens: TokenCounts | None = None
+    upstream_started: float | None = None
+    upstream_headers_at: float | None = None
+
+    def usage_record(self) -> UsageRecord:
+        now = time.perf_counter()
+        upstream_ms = None
+        if self.upstream_started is not None:
+            upstream_ms = round((now - self.upstream_started) * 1000, 2)
+        tokens = self.tokens
+        return UsageRecord(
+            user_id=self.principal.user.id,
+            token_id=self.principal.token.id,
+            key_id=self.key.id if self.key else None,
+            key_owner_id=self.key.owner_id if self.key else None,
+            model=self.model,
+            endpoint=self.endpoint,
+            status=self.status,
+            attempts=self.attempts,
+            stream=self.stream,
+            prompt_tokens=tokens.prompt if tokens else None,
+            completion_tokens=tokens.completion if tokens else None,
+            total_tokens=tokens.total if tokens else None,
+            upstream_ms=upstream_ms,
+            total_ms=round((now - self.started) * 1000, 2),
+            request_id=self.request_id,
+        )
+
+    def log(self, record: UsageRecord) -> None:
+        access_log.info(
+            "%s %s %d user=%d key=%s model=%s attempts=%d latency_ms=%.1f",
+            self.method,
+            self.path,
+            self.status,
+            record.user_id,
+            record.key_id if record.key_id is not None else "-",
+            self.model or "-",
+            self.attempts,
+            record.total_ms,
+            extra={
+                "fields": {
+                    "request_id": self.request_id,
+                    "method": self.method,
+                    "path": self.path,
+                    "status": self.status,
+                    "user_id": record.user_id,
+                    "key_id": record.key_id,
+                    "model": self.model,
+                    "attempts": self.attempts,
+                    "stream": self.stream,
+                    "total_tokens": record.total_tokens,
+                    "latency_ms": record.total_ms,
+                }
+            },
+        )

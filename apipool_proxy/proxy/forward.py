@@ -1,0 +1,431 @@
+"""The /v1 request path: authenticate, read the body once, choose a key, send, fail over,
+relay, record.
+
+Failover happens only before the first byte reaches the caller. After that the answer is
+committed: a stream that breaks ends with one SSE error event, never with a silent retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from ..errors import ApiError, error_body
+from ..log import redact, upstream_log
+from ..pool import NoKeyAvailable, Outcome, PooledKey, classify_response
+from ..pool.health import RETRYABLE, Verdict
+from ..state import SERVICES, Services
+from .body import RequestBody, inspect_body, read_body
+from .exchange import Exchange, endpoint_of, new_request_id
+from .headers import caller_response_headers, upstream_request_headers
+from .sse import UsageTap, usage_from
+
+# Answers up to this size without a streaming content type are read whole and sent in one
+# write; anything else is relayed chunk by chunk as it arrives.
+BUFFER_LIMIT = 4 * 1024 * 1024
+ERROR_BODY_LIMIT = 64 * 1024
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+def bearer_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+def authenticate(request: web.Request, services: Services) -> Any:
+    principal = services.accounts.authenticate(bearer_token(request))
+    if principal is None:
+        raise ApiError(
+            401,
+            "Incorrect API key provided. Use a token issued by this apipool-proxy"
+            " (apipool login, or POST /api/tokens on the admin port).",
+            code="invalid_api_key",
+            type="invalid_request_error",
+        )
+    return principal
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    started = time.perf_counter()
+    principal = authenticate(request, services)
+    if services.draining:
+        raise ApiError(503, "The proxy is shutting down; retry shortly.", code="shutting_down")
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        from .websocket import relay_websocket
+
+        return await relay_websocket(request, services, principal)
+
+    exchange = Exchange(
+        request_id=new_request_id(),
+        principal=principal,
+        method=request.method,
+        path=request.path,
+        endpoint=endpoint_of(request.path),
+        started=started,
+    )
+    raw = await read_body(request, services.settings.proxy.max_body_mb * 1024 * 1024)
+    body = inspect_body(request.content_type, raw)
+    exchange.model, exchange.stream = body.model, body.stream
+    return await _serve(request, services, exchange, body)
+
+
+async def _serve(
+    request: web.Request, services: Services, exchange: Exchange, body: RequestBody
+) -> web.StreamResponse:
+    user = exchange.principal.user
+    limiter = services.limiter
+    limits = limiter.limits_for(user.limits)
+    counters = limiter.admit(user.id, limits, time.time())
+    services.metrics.in_flight.inc()
+    try:
+        response = await _forward(request, services, exchange, body)
+        response.headers.update(limiter.headers(counters, limits, time.time()))
+        return response
+    except ApiError as exc:
+        exchange.status = exc.status
+        exc.headers.update(limiter.headers(counters, limits, time.time()))
+        exc.headers["x-request-id"] = exchange.request_id
+        raise
+    except asyncio.CancelledError:
+        exchange.status = 499  # the caller went away
+        raise
+    finally:
+        services.metrics.in_flight.dec()
+        tokens = exchange.tokens.total if exchange.tokens else None
+        limiter.finish(counters, tokens, time.time())
+        _record(services, exchange)
+
+
+def _record(services: Services, exchange: Exchange) -> None:
+    record = exchange.usage_record()
+    services.writer.record(record)
+    if services.settings.log.access_log:
+        exchange.log(record)
+    model = exchange.model if exchange.model in services.pool.known_models else "other"
+    services.metrics.requests.labels(exchange.endpoint, model, str(exchange.status)).inc()
+
+
+async def _forward(
+    request: web.Request, services: Services, exchange: Exchange, body: RequestBody
+) -> web.StreamResponse:
+    settings = services.settings
+    pool = services.pool
+    user_id = exchange.principal.user.id
+    if settings.pool.require_contribution and not _has_working_key(services, user_id):
+        raise ApiError(
+            403,
+            "This pool serves members who contribute a working key of their own; add one"
+            " with 'apipool add-key'.",
+            code="contribution_required",
+        )
+
+    tried: set[int] = set()
+    failures: list[str] = []
+    verdicts: list[Verdict] = []
+    for attempt in range(settings.upstream.max_attempts):
+        try:
+            key = pool.choose(exchange.model, user_id, tried, time.time())
+        except NoKeyAvailable as exc:
+            if not failures:
+                raise _no_key_error(exc) from None
+            break
+        tried.add(key.id)
+        last_attempt = attempt + 1 == settings.upstream.max_attempts
+        response = await _attempt(request, services, exchange, body, key, last_attempt)
+        if isinstance(response, web.StreamResponse):
+            return response
+        failures.append(response[0])
+        verdicts.append(response[1])
+        services.metrics.failovers.inc()
+    raise _all_failed(exchange, failures, verdicts, pool, tried)
+
+
+def _has_working_key(services: Services, user_id: int) -> bool:
+    from ..pool import KeyStatus
+
+    return any(
+        k.effective_status(time.time()) in (KeyStatus.ACTIVE, KeyStatus.COOLING)
+        for k in services.pool.owned_by(user_id)
+    )
+
+
+async def _attempt(
+    request: web.Request,
+    services: Services,
+    exchange: Exchange,
+    body: RequestBody,
+    key: PooledKey,
+    last_attempt: bool,
+) -> web.StreamResponse | tuple[str, Verdict]:
+    """One try with one key: the relayed response, or why this key failed."""
+    pool = services.pool
+    exchange.attempts += 1
+    exchange.key = key
+    services.metrics.attempts.inc()
+    payload, injected = _payload_for(key, exchange, body)
+    url = upstream_url(key, request)
+    headers = upstream_request_headers(request.headers, key.auth_header)
+    key.begin()
+    try:
+        exchange.upstream_started = time.perf_counter()
+        try:
+            upstream = await services.session.request(
+                request.method, url, headers=headers, data=payload, allow_redirects=False
+            )
+        except UPSTREAM_FAILURES as exc:
+            reason = _describe_failure(exc)
+            pool.record(key, Verdict(Outcome.SERVER_ERROR), reason, time.time())
+            upstream_log.info("key %d: %s", key.id, reason)
+            return reason, Verdict(Outcome.SERVER_ERROR)
+        services.metrics.upstream_latency.observe(time.perf_counter() - exchange.upstream_started)
+        try:
+            return await _answer(
+                request, services, exchange, key, upstream, injected, last_attempt, body
+            )
+        finally:
+            upstream.release()
+    finally:
+        key.end()
+
+
+async def _answer(
+    request: web.Request,
+    services: Services,
+    exchange: Exchange,
+    key: PooledKey,
+    upstream: aiohttp.ClientResponse,
+    injected: bool,
+    last_attempt: bool,
+    body: RequestBody,
+) -> web.StreamResponse | tuple[str, Verdict]:
+    status = upstream.status
+    now = time.time()
+    key.last_used_at = now
+    if status < 400 and status not in REDIRECTS:
+        services.pool.record(key, Verdict(Outcome.OK), None, now)
+        exchange.status = status
+        return await _relay(request, exchange, upstream, injected)
+    if status in REDIRECTS:
+        # Never followed, never relayed: a redirect could point the caller or us anywhere.
+        exchange.status = 502
+        raise ApiError(
+            502,
+            "The upstream answered with a redirect, which the proxy does not follow.",
+            code="upstream_redirect",
+        )
+
+    error = await _read_error_body(upstream)
+    if injected and status == 400 and b"stream_options" in error:
+        # This upstream does not know stream_options: remember, and resend as asked.
+        key.no_stream_options = True
+        services.pool.dirty.add(key.id)
+        exchange.attempts -= 1
+        return await _attempt(request, services, exchange, body, key, last_attempt)
+    verdict = classify_response(status, upstream.headers, error)
+    services.pool.record(key, verdict, _error_text(status, error), now)
+    if verdict.outcome in RETRYABLE:
+        upstream_log.info("key %d: upstream answered %d; trying another key", key.id, status)
+        return f"key {key.id} got {_status_words(status, verdict)}", verdict
+    # The caller's own mistake (400, 404, 422...): relayed verbatim, costs the key nothing.
+    exchange.status = status
+    headers = caller_response_headers(upstream.headers, exchange.request_id)
+    return web.Response(status=status, body=error, headers=headers)
+
+
+def _payload_for(key: PooledKey, exchange: Exchange, body: RequestBody) -> tuple[bytes, bool]:
+    """The bytes to send with this key; streams are asked to report usage when they don't."""
+    data = body.json
+    if (
+        data is None
+        or not body.stream
+        or key.no_stream_options
+        or exchange.endpoint not in ("/chat/completions", "/completions")
+    ):
+        return body.raw, False
+    options = data.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        return body.raw, False
+    if options is not None and not isinstance(options, dict):
+        return body.raw, False
+    extended = {**data, "stream_options": {**(options or {}), "include_usage": True}}
+    return json.dumps(extended).encode(), True
+
+
+def upstream_url(key: PooledKey, request: web.Request) -> URL:
+    # The raw path keeps the caller's encoding (a %2F stays %2F); the query passes as is.
+    tail = request.raw_path[3:]
+    if _has_dot_segment(tail):
+        raise ApiError(
+            400, "The request path must not contain '.' or '..' segments.", code="invalid_path"
+        )
+    url = URL(key.base_url + tail, encoded=True)
+    if url.raw_host != key.host:
+        raise ApiError(400, "The request path is not valid.", code="invalid_path")
+    return url
+
+
+def _has_dot_segment(tail: str) -> bool:
+    path = tail.split("?", 1)[0].lower().replace("%2e", ".")
+    return any(seg in (".", "..") for seg in path.split("/"))
+
+
+async def _read_error_body(upstream: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await upstream.content.read(ERROR_BODY_LIMIT)
+    except UPSTREAM_FAILURES:
+        return b""
+
+
+def _error_text(status: int, body: bytes) -> str:
+    try:
+        message = json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = None
+    if isinstance(message, str):
+        return f"HTTP {status}: {redact(message)[:300]}"
+    return f"HTTP {status}"
+
+
+def _status_words(status: int, verdict: Verdict) -> str:
+    words = {
+        Outcome.RATE_LIMITED: "rate-limited (429)",
+        Outcome.EXHAUSTED: "out of quota (429)",
+        Outcome.INVALID: f"rejected as invalid ({status})",
+    }
+    return words.get(verdict.outcome, f"an upstream error ({status})")
+
+
+def _describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+        return "upstream timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "cannot connect to upstream"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "upstream closed the connection"
+    return "upstream request failed"
+
+
+def _no_key_error(exc: NoKeyAvailable) -> ApiError:
+    headers = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
+    return ApiError(exc.status, exc.message, code=exc.code, headers=headers)
+
+
+def _all_failed(
+    exchange: Exchange,
+    failures: list[str],
+    verdicts: list[Verdict],
+    pool: Any,
+    tried: set[int],
+) -> ApiError:
+    summary = "; ".join(failures)
+    what = f"model '{exchange.model}'" if exchange.model else "this request"
+    limited = all(v.outcome is Outcome.RATE_LIMITED for v in verdicts)
+    if limited:
+        waits = [
+            k.cooldown_until - time.time()
+            for k in (pool.get(i) for i in tried)
+            if k is not None and k.cooldown_until
+        ]
+        wait = max(1, int(min(waits) + 0.999)) if waits else 1
+        return ApiError(
+            429,
+            f"Every key tried for {what} is rate-limited ({summary}); retry in {wait} s.",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(wait)},
+        )
+    return ApiError(
+        502,
+        f"The upstream could not serve {what} after {len(failures)} attempt(s): {summary}.",
+        code="upstream_error",
+    )
+
+
+async def _relay(
+    request: web.Request, exchange: Exchange, upstream: aiohttp.ClientResponse, injected: bool
+) -> web.StreamResponse:
+    headers = caller_response_headers(upstream.headers, exchange.request_id)
+    content_type = upstream.headers.get("Content-Type", "")
+    length = upstream.content_length
+    is_sse = content_type.startswith("text/event-stream")
+    if not is_sse and length is not None and length <= BUFFER_LIMIT:
+        data = await upstream.read()
+        if b'"usage"' in data and content_type.startswith("application/json"):
+            exchange.tokens = _usage_of(data)
+        exchange.upstream_headers_at = time.perf_counter()
+        return web.Response(status=upstream.status, body=data, headers=headers)
+    return await _relay_stream(request, exchange, upstream, headers, is_sse, injected)
+
+
+def _usage_of(data: bytes) -> Any:
+    try:
+        return usage_from(json.loads(data))
+    except ValueError:
+        return None
+
+
+async def _relay_stream(
+    request: web.Request,
+    exchange: Exchange,
+    upstream: aiohttp.ClientResponse,
+    headers: Any,
+    is_sse: bool,
+    injected: bool,
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=upstream.status, headers=headers)
+    await response.prepare(request)
+    tap = UsageTap(drop_usage_chunk=injected) if is_sse else None
+    try:
+        async for chunk in upstream.content.iter_any():
+            out = tap.feed(chunk) if tap is not None else chunk
+            if out:
+                await response.write(out)
+        if tap is not None:
+            rest = tap.flush()
+            if rest:
+                await response.write(rest)
+    except UPSTREAM_FAILURES as exc:
+        if request.transport is None or request.transport.is_closing():
+            raise asyncio.CancelledError from None  # the caller left; nothing to tell
+        await _end_broken_stream(request, exchange, response, is_sse, exc)
+        return response
+    finally:
+        if tap is not None:
+            exchange.tokens = tap.tokens
+    await response.write_eof()
+    return response
+
+
+async def _end_broken_stream(
+    request: web.Request,
+    exchange: Exchange,
+    response: web.StreamResponse,
+    is_sse: bool,
+    exc: BaseException,
+) -> None:
+    """The upstream failed after bytes went out: say so once, then close the connection."""
+    reason = _describe_failure(exc)
+    upstream_log.info("stream %s broke: %s", exchange.request_id, reason)
+    exchange.status = 502
+    if is_sse:
+        frame = error_body(502, f"The upstream stream broke: {reason}.", code="upstream_error")
+        try:
+            await response.write(b"data: " + frame + b"\n\n")
+        except (ConnectionError, RuntimeError):
+            pass
+    # Closing the transport (not write_eof) ends a chunked body without its terminator, so
+    # the client sees an incomplete response rather than a clean end.
+    if request.transport is not None:
+        request.transport.close()

@@ -1,0 +1,96 @@
+"""Which headers cross the proxy, in each direction.
+
+Requests: the caller's credentials and anything naming the caller's network or the key
+owner's OpenAI organisation stay behind; everything else (Content-Type with its multipart
+boundary, Accept, User-Agent, OpenAI-Beta, X-Stainless-*, OpenRouter's HTTP-Referer...)
+passes, so endpoints we never heard of keep working.
+"""
+
+from __future__ import annotations
+
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+# RFC 9110 section 7.6.1: connection-specific headers are never forwarded.
+HOP_BY_HOP = frozenset(
+    istr(h)
+    for h in (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    )
+)
+
+_DROP_FROM_CALLER = HOP_BY_HOP | frozenset(
+    istr(h)
+    for h in (
+        "host",
+        "content-length",  # recomputed for the replayed body
+        "accept-encoding",  # the upstream session negotiates its own and decodes
+        "authorization",  # the caller's pool token; the pooled key replaces it
+        "api-key",
+        "x-api-key",
+        "cookie",
+        "forwarded",
+        "x-real-ip",
+        "via",
+        "openai-organization",  # these name the key owner's account, not the caller's
+        "openai-project",
+    )
+)
+
+_DROP_FROM_UPSTREAM = HOP_BY_HOP | frozenset(
+    istr(h)
+    for h in (
+        "content-length",  # aiohttp frames the body it sends
+        "content-encoding",  # the body was decoded on the way in
+        "set-cookie",
+        "openai-organization",
+        "openai-project",
+        "x-request-id",  # replaced by ours; the upstream's moves to x-upstream-request-id
+        "server",
+        "date",
+        "alt-svc",
+    )
+)
+
+REQUEST_ID = istr("x-request-id")
+UPSTREAM_REQUEST_ID = istr("x-upstream-request-id")
+
+
+def upstream_request_headers(caller: CIMultiDictProxy[str], auth_header: str) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    connection_named = _connection_tokens(caller)
+    for name, value in caller.items():
+        lowered = name.lower()
+        if name in _DROP_FROM_CALLER or lowered.startswith("x-forwarded-"):
+            continue
+        if connection_named and lowered in connection_named:
+            continue
+        out.add(name, value)
+    out["Authorization"] = auth_header
+    return out
+
+
+def caller_response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name in _DROP_FROM_UPSTREAM:
+            if name == REQUEST_ID:
+                out[UPSTREAM_REQUEST_ID] = value
+            continue
+        out.add(name, value)
+    out[REQUEST_ID] = request_id
+    return out
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+    value = headers.get("connection")
+    if not value:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())

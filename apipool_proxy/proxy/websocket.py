@@ -1,0 +1,115 @@
+"""WebSocket sessions under /v1 (the Realtime API, the Responses API's WebSocket mode).
+
+The caller's upgrade is accepted only once the upstream accepted ours, so a refused
+upstream becomes an ordinary HTTP error. Frames then pass both ways as they come, and
+when either side closes, the other is closed too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import WSMsgType, web
+
+from ..accounts import Principal
+from ..errors import ApiError
+from ..log import upstream_log
+from ..pool import NoKeyAvailable, Outcome
+from ..pool.health import Verdict
+from ..state import Services
+from .forward import upstream_url
+from .headers import upstream_request_headers
+
+# Headers of the caller's upgrade that must not be replayed: aiohttp writes its own
+# handshake (key, version, extensions) for the upstream connection.
+_HANDSHAKE = (
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-extensions",
+    "sec-websocket-accept",
+)
+
+
+async def relay_websocket(
+    request: web.Request, services: Services, principal: Principal
+) -> web.StreamResponse:
+    model = request.query.get("model")
+    try:
+        key = services.pool.choose(model, principal.user.id, set(), time.time())
+    except NoKeyAvailable as exc:
+        raise ApiError(exc.status, exc.message, code=exc.code) from None
+    headers = upstream_request_headers(request.headers, key.auth_header)
+    for name in _HANDSHAKE:
+        headers.popall(name, None)
+    protocols = [
+        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
+    ]
+    headers.popall("Sec-WebSocket-Protocol", None)
+    url = upstream_url(key, request)
+    key.begin()
+    try:
+        try:
+            upstream = await services.session.ws_connect(
+                url, headers=headers, protocols=protocols, autoping=False, max_msg_size=0
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            outcome = Outcome.INVALID if exc.status in (401, 403) else Outcome.CALLER_ERROR
+            if exc.status in (429, 500, 502, 503, 504):
+                outcome = Outcome.SERVER_ERROR
+            services.pool.record(
+                key, Verdict(outcome), f"HTTP {exc.status} on upgrade", time.time()
+            )
+            raise ApiError(
+                502 if exc.status >= 500 else exc.status,
+                f"The upstream refused the WebSocket upgrade ({exc.status}).",
+                code="upstream_error",
+            ) from None
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            services.pool.record(key, Verdict(Outcome.SERVER_ERROR), "cannot connect", time.time())
+            raise ApiError(
+                502, "Cannot connect to the upstream WebSocket.", code="upstream_error"
+            ) from None
+        async with upstream:
+            caller = web.WebSocketResponse(
+                protocols=[upstream.protocol] if upstream.protocol else (),
+                autoping=False,
+                max_msg_size=0,
+            )
+            await caller.prepare(request)
+            await _pump_both_ways(caller, upstream)
+            return caller
+    finally:
+        key.end()
+
+
+async def _pump_both_ways(caller: web.WebSocketResponse, upstream: Any) -> None:
+    to_upstream = asyncio.ensure_future(_pump(caller, upstream))
+    to_caller = asyncio.ensure_future(_pump(upstream, caller))
+    try:
+        await asyncio.wait({to_upstream, to_caller}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (to_upstream, to_caller):
+            task.cancel()
+        await asyncio.gather(to_upstream, to_caller, return_exceptions=True)
+        await caller.close()
+        await upstream.close()
+
+
+async def _pump(source: Any, sink: Any) -> None:
+    """Copy frames from one side to the other until a close frame or an error."""
+    async for message in source:
+        kind = message.type
+        if kind == WSMsgType.TEXT:
+            await sink.send_str(message.data)
+        elif kind == WSMsgType.BINARY:
+            await sink.send_bytes(message.data)
+        elif kind == WSMsgType.PING:
+            await sink.ping(message.data)
+        elif kind == WSMsgType.PONG:
+            await sink.pong(message.data)
+        elif kind in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            break
+    upstream_log.debug("websocket side closed")

@@ -1,0 +1,286 @@
+"""Starting and stopping one apipool-proxy process: both ports, the shared services, and
+their background tasks.
+
+The proxy port and the admin port are two aiohttp applications on two runners, sharing
+one :class:`~apipool_proxy.state.Services`. Keeping them apart means no admin route can
+ever be reached through the proxy port, whatever path a caller sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from . import netguard
+from .accounts import Accounts
+from .admin import build_admin_app
+from .config import ConfigError, Settings, load_settings
+from .crypto import MasterKeyError, load_master_key
+from .limits import Limiter, today_start
+from .log import server_log, setup_logging
+from .metrics import Metrics
+from .pool import KeyPool
+from .proxy import build_proxy_app
+from .state import Services
+from .storage import Database, StorageError
+from .tasks import BackgroundTasks
+from .upstream_keys import UpstreamKeys
+from .usage import WriteBehind
+
+
+class StartupError(RuntimeError):
+    """The server cannot start; the message is meant for the operator, one line."""
+
+
+@dataclass
+class RunningServer:
+    services: Services
+    proxy_port: int
+    admin_port: int
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://{_display_host(self.services.settings.proxy.host)}:{self.proxy_port}/v1"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{_display_host(self.services.settings.admin.host)}:{self.admin_port}"
+
+
+def _display_host(host: str) -> str:
+    if host in ("", "0.0.0.0"):  # noqa: S104 - display only
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+async def open_services(settings: Settings, environ: Mapping[str, str]) -> Services:
+    """Open the database, load accounts and keys into memory, create the upstream session."""
+    try:
+        master_key = load_master_key(settings.security.master_key_file, environ)
+    except OSError as exc:
+        raise StartupError(f"cannot create the master key file: {exc.strerror}") from None
+    except MasterKeyError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        db = await Database.open(settings.database.path)
+    except StorageError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        return await _load(settings, db, master_key)
+    except BaseException:
+        await db.close()
+        raise
+
+
+async def _load(settings: Settings, db: Database, master_key: bytes) -> Services:
+    accounts = Accounts(db, settings.auth)
+    await accounts.load()
+    pool = KeyPool(settings.pool.strategy, settings.pool.prefer_own_keys)
+    forbidden_ports = {settings.proxy.port, settings.admin.port} - {0}
+    keys = UpstreamKeys(db, master_key, pool, settings, forbidden_ports)
+    try:
+        await keys.load()
+    except MasterKeyError as exc:
+        raise StartupError(str(exc)) from None
+    limiter = Limiter(settings.limits)
+    now = time.time()
+    for row in await db.tokens_since(today_start(now)):
+        limiter.seed_today(row["user_id"], row["tokens"] or 0, now)
+    writer = WriteBehind(db)
+    services = Services(
+        settings=settings,
+        db=db,
+        accounts=accounts,
+        pool=pool,
+        keys=keys,
+        writer=writer,
+        limiter=limiter,
+        metrics=Metrics(),
+        tasks=BackgroundTasks(),
+        session=_upstream_session(settings, forbidden_ports),
+    )
+    keys.session = services.session
+    writer.add_source(keys.save_health)
+    writer.add_source(lambda: _touch_tokens(services))
+    _watch_gauges(services)
+    return services
+
+
+def _upstream_session(settings: Settings, forbidden_ports: set[int]) -> aiohttp.ClientSession:
+    """The one client session every upstream request goes through.
+
+    The guarded connector re-checks every address it connects to (DNS rebinding, IP
+    literals), cookies are never kept (they would leak between callers), proxies from the
+    environment are ignored, and no total timeout cuts a long generation: only connect and
+    idle-read timeouts apply.
+    """
+    upstream = settings.upstream
+    connector = netguard.GuardedConnector(
+        allow_private_networks=upstream.allow_private_networks,
+        forbidden_ports=forbidden_ports,
+        limit=0,
+        ttl_dns_cache=10,
+        enable_cleanup_closed=False,
+    )
+    timeout = aiohttp.ClientTimeout(
+        total=None,
+        connect=None,
+        sock_connect=upstream.connect_timeout,
+        sock_read=upstream.read_timeout,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+    )
+
+
+def _touch_tokens(services: Services) -> object:
+    touched = services.accounts.take_touched()
+    return services.db.touch_tokens(touched) if touched else None
+
+
+def _watch_gauges(services: Services) -> None:
+    def keys_by_status() -> dict[str, float]:
+        now = time.time()
+        counts: dict[str, float] = {}
+        for key in services.pool:
+            status = key.effective_status(now).value
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
+    services.metrics.watch(
+        "apipool_keys", "Upstream keys in the pool by status.", "status", keys_by_status
+    )
+    services.metrics.watch(
+        "apipool_usage_rows_pending",
+        "Usage rows waiting to be written.",
+        "",
+        lambda: {"": float(services.writer.pending)},
+    )
+
+
+async def close_services(services: Services) -> None:
+    """Stop background work, write what is pending, release the session and the database."""
+    await services.tasks.close()
+    try:
+        await services.writer.flush()
+    except Exception:
+        server_log.exception("final write of usage failed")
+    await services.session.close()
+    await services.db.close()
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    settings: Settings, environ: Mapping[str, str] | None = None
+) -> AsyncIterator[RunningServer]:
+    """Run both ports until the block exits, then shut down gracefully."""
+    environ = os.environ if environ is None else environ
+    services = await open_services(settings, environ)
+    runners: list[web.AppRunner] = []
+    try:
+        proxy_port = await _start(
+            runners,
+            build_proxy_app(services),
+            settings.proxy.host,
+            settings.proxy.port,
+            settings,
+            cancel_on_disconnect=True,
+        )
+        admin_port = await _start(
+            runners,
+            build_admin_app(services),
+            settings.admin.host,
+            settings.admin.port,
+            settings,
+            cancel_on_disconnect=False,
+        )
+        services.keys.forbidden_ports.update({proxy_port, admin_port})
+        services.tasks.spawn("write-behind", services.writer.run())
+        services.tasks.spawn("refresh-models", services.keys.refresh_models())
+        yield RunningServer(services, proxy_port, admin_port)
+    finally:
+        services.draining = True
+        for runner in runners:
+            await runner.cleanup()
+        await close_services(services)
+
+
+async def _start(
+    runners: list[web.AppRunner],
+    app: web.Application,
+    host: str,
+    port: int,
+    settings: Settings,
+    cancel_on_disconnect: bool,
+) -> int:
+    # On the proxy port a caller that hangs up cancels its handler, which closes the
+    # upstream request at once instead of at the next chunk.
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handler_cancellation=cancel_on_disconnect,
+        shutdown_timeout=settings.proxy.shutdown_grace,
+    )
+    await runner.setup()
+    runners.append(runner)
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    return sockets[0].getsockname()[1] if sockets else port
+
+
+async def _main(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with serve(settings) as running:
+        server_log.info("proxy port listening on %s", running.proxy_url)
+        server_log.info("admin port listening on %s", running.admin_url)
+        await stop.wait()
+        server_log.info("shutting down: finishing in-flight requests")
+    server_log.info("stopped")
+
+
+def run(config_path: str | None) -> int:
+    """Entry point of ``apipool serve``: returns the process exit code."""
+    path = config_path or os.environ.get("APIPOOL_CONFIG")
+    try:
+        settings = load_settings(path, os.environ)
+    except ConfigError as exc:
+        print(f"Error: configuration: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(settings.log.level, settings.log.format)
+    try:
+        _run_loop(_main(settings))
+    except StartupError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_loop(main: object) -> None:
+    try:
+        import uvloop
+    except ImportError:  # not on every platform; the standard loop works, slower
+        asyncio.run(main)  # type: ignore[arg-type]
+        return
+    uvloop.run(main)  # type: ignore[arg-type]

@@ -1,0 +1,38 @@
+"""The services one server process holds, shared by the proxy and the admin app."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from .accounts import Accounts
+from .config import Settings
+from .limits import Limiter
+from .metrics import Metrics
+from .pool import KeyPool
+from .storage import Database
+from .tasks import BackgroundTasks
+from .upstream_keys import UpstreamKeys
+from .usage import WriteBehind
+
+
+@dataclass(eq=False)
+class Services:
+    settings: Settings
+    db: Database
+    accounts: Accounts
+    pool: KeyPool
+    keys: UpstreamKeys
+    writer: WriteBehind
+    limiter: Limiter
+    metrics: Metrics
+    tasks: BackgroundTasks
+    session: aiohttp.ClientSession
+    # Set when shutdown begins: new proxied requests are refused while in-flight ones finish.
+    draining: bool = False
+    in_flight: set[object] = field(default_factory=set)
+
+
+SERVICES = web.AppKey("services", Services)

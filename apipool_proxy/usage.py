@@ -1,0 +1,110 @@
+"""Usage records, written behind the request path.
+
+A proxied request appends one row to memory and never waits for the database. A named
+background task writes the rows in batches about twice a second, together with the other
+write-behind state (token last-use times, key health), and once more at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .log import storage_log
+from .storage import Database
+
+FLUSH_INTERVAL = 0.5
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    user_id: int
+    token_id: int | None
+    key_id: int | None
+    key_owner_id: int | None
+    model: str | None
+    endpoint: str
+    status: int
+    attempts: int
+    stream: bool
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    total_tokens: int | None
+    upstream_ms: float | None
+    total_ms: float
+    request_id: str
+    created_at: float = 0.0
+
+    def as_row(self) -> tuple[Any, ...]:
+        return (
+            self.created_at,
+            self.user_id,
+            self.token_id,
+            self.key_id,
+            self.key_owner_id,
+            self.model,
+            self.endpoint,
+            self.status,
+            self.attempts,
+            int(self.stream),
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.total_tokens,
+            self.upstream_ms,
+            self.total_ms,
+            self.request_id,
+        )
+
+
+class WriteBehind:
+    """Collects rows and state changes in memory and writes them in batches."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._usage: list[tuple[Any, ...]] = []
+        # Extra sources polled on every flush: each returns a coroutine or None.
+        self._sources: list[Callable[[], Any]] = []
+        self._wake = asyncio.Event()
+        self.written = 0
+
+    def record(self, usage: UsageRecord) -> None:
+        if not usage.created_at:
+            usage.created_at = time.time()
+        self._usage.append(usage.as_row())
+
+    @property
+    def pending(self) -> int:
+        return len(self._usage)
+
+    def add_source(self, source: Callable[[], Any]) -> None:
+        self._sources.append(source)
+
+    async def run(self) -> None:
+        """The background loop; cancelled at shutdown, after which :meth:`flush` runs once."""
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            try:
+                await self.flush()
+            except Exception:
+                storage_log.exception("writing usage and state failed; will retry")
+
+    async def flush(self) -> None:
+        rows, self._usage = self._usage, []
+        if rows:
+            try:
+                await self.db.insert_usage(rows)
+            except BaseException:
+                self._usage[:0] = rows  # keep them for the next try
+                raise
+            self.written += len(rows)
+        for source in self._sources:
+            pending = source()
+            if pending is not None:
+                await pending
+
+
+def batched(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
