@@ -121,7 +121,7 @@ class Accounts:
                 last_used_at=row["last_used_at"],
                 token_hash=row["token_hash"],
             )
-        await crypto.check_password("warm-up-the-decoy-hash", None)
+        await crypto.check_password("warm-up-the-decoy-hash", None, self.settings.bcrypt_rounds)
 
     # -- authentication (hot path: memory only) ------------------------------------------
 
@@ -151,7 +151,7 @@ class Accounts:
     async def register(self, username: Any, password: Any) -> User:
         username = validate_username(username)
         validate_password(password)
-        hashed = await crypto.hash_password(password)
+        hashed = await crypto.hash_password(password, self.settings.bcrypt_rounds)
         is_admin = username.lower() in {n.lower() for n in self.settings.admins}
         now = time.time()
         try:
@@ -181,7 +181,8 @@ class Accounts:
                 headers={"Retry-After": str(wait)},
             )
         row = await self.db.user_by_name(username) if USERNAME_RE.fullmatch(username) else None
-        ok = await crypto.check_password(password[:300], row["password_hash"] if row else None)
+        stored = row["password_hash"] if row else None
+        ok = await crypto.check_password(password[:300], stored, self.settings.bcrypt_rounds)
         user = self.users.get(row["id"]) if (ok and row) else None
         if user is None or user.disabled:
             self.throttle.fail(subjects, now)

@@ -127,29 +127,29 @@ def hash_token(token: str) -> bytes:
 
 
 # bcrypt cost 12 takes ~0.25 s; done in a thread, it costs a login latency, not the loop.
-_BCRYPT_ROUNDS = 12
+DEFAULT_BCRYPT_ROUNDS = 12
 
 
 # A real hash of a random password, checked when the user does not exist, so unknown
 # users and wrong passwords take the same time.
 @functools.cache
-def _decoy_hash() -> bytes:
-    return bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(_BCRYPT_ROUNDS))
+def _decoy_hash(rounds: int) -> bytes:
+    return bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds))
 
 
-async def hash_password(password: str) -> str:
-    hashed = await asyncio.to_thread(
-        bcrypt.hashpw, password.encode(), bcrypt.gensalt(_BCRYPT_ROUNDS)
-    )
+async def hash_password(password: str, rounds: int = DEFAULT_BCRYPT_ROUNDS) -> str:
+    hashed = await asyncio.to_thread(bcrypt.hashpw, password.encode(), bcrypt.gensalt(rounds))
     return hashed.decode("ascii")
 
 
-async def check_password(password: str, hashed: str | None) -> bool:
+async def check_password(
+    password: str, hashed: str | None, rounds: int = DEFAULT_BCRYPT_ROUNDS
+) -> bool:
     """Compare in a thread; with ``hashed=None`` burn the same time and return False."""
     raw = password.encode("utf-8", "surrogatepass")
     if len(raw) > 72:
         # Such a password could never have been registered; spend the time all the same.
         raw, hashed = raw[:72], None
-    target = hashed.encode("ascii") if hashed else await asyncio.to_thread(_decoy_hash)
+    target = hashed.encode("ascii") if hashed else await asyncio.to_thread(_decoy_hash, rounds)
     matched = await asyncio.to_thread(bcrypt.checkpw, raw, target)
     return matched and hashed is not None

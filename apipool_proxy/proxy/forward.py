@@ -8,6 +8,7 @@ committed: a stream that breaks ends with one SSE error event, never with a sile
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from typing import Any
@@ -30,6 +31,7 @@ from .sse import UsageTap, usage_from
 # write; anything else is relayed chunk by chunk as it arrives.
 BUFFER_LIMIT = 4 * 1024 * 1024
 ERROR_BODY_LIMIT = 64 * 1024
+LARGE_BODY = 1024 * 1024
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -181,9 +183,12 @@ async def _attempt(
     key.begin()
     try:
         exchange.upstream_started = time.perf_counter()
+        # aiohttp sends bodies over 1 MiB given as bytes in one blocking write (and warns);
+        # a file-like object is streamed instead.
+        data: bytes | io.BytesIO = payload if len(payload) < LARGE_BODY else io.BytesIO(payload)
         try:
             upstream = await services.session.request(
-                request.method, url, headers=headers, data=payload, allow_redirects=False
+                request.method, url, headers=headers, data=data, allow_redirects=False
             )
         except UPSTREAM_FAILURES as exc:
             reason = _describe_failure(exc)

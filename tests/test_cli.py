@@ -1,0 +1,102 @@
+"""The ``apipool`` CLI against a real ``apipool serve`` subprocess."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from .support import PASSWORD, ServerProcess, run_cli
+
+
+@pytest.fixture
+def served(tmp_path: Path):
+    with ServerProcess(tmp_path, "upstream: {allow_private_networks: true}\n") as server:
+        yield server
+
+
+def cli(server: ServerProcess, workdir: Path, *args: str, stdin: str | None = None):
+    return run_cli(["--server", server.admin_url, *args], cwd=workdir, stdin=stdin)
+
+
+def test_walkthrough_register_login_add_list_logout(served, tmp_path: Path):
+    work = tmp_path / "work"
+    work.mkdir()
+    result = cli(served, work, "register", "alice", PASSWORD)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "Registered successfully. User ID: 1"
+
+    result = cli(served, work, "login", "alice", PASSWORD)
+    assert result.stdout.strip() == "Logged in successfully. Token saved."
+    token_file = work / ".auth_token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+
+    result = cli(
+        served,
+        work,
+        "add-key",
+        "sk-walkthrough-secret-9876",
+        "--base-url",
+        "http://127.0.0.1:9/v1",
+        "--models",
+        "gpt-4o-mini,gpt-4o",
+        "--label",
+        "mine",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "Key added successfully."
+
+    result = cli(served, work, "list-keys")
+    lines = result.stdout.splitlines()
+    assert lines[0] == "Your Keys:"
+    assert len(lines) == 2 and lines[1].startswith("- sk-wa...9876")
+    assert "sk-walkthrough-secret-9876" not in result.stdout
+
+    token = token_file.read_text().strip()
+    result = cli(served, work, "logout")
+    assert result.stdout.strip() == "Logged out successfully."
+    assert not token_file.exists()
+
+    # The old token is dead server-side, and commands now say so in one line.
+    token_file.write_text(token)
+    result = cli(served, work, "list-keys")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: ")
+    assert "Traceback" not in result.stderr
+    assert "sk-walkthrough-secret-9876" not in served.log()
+
+
+def test_password_is_prompted_without_echo_when_left_off(served, tmp_path: Path):
+    # getpass reads from the terminal, or from stdin when there is none.
+    result = cli(served, tmp_path, "register", "bob", stdin=PASSWORD + "\n")
+    assert result.returncode == 0, result.stderr
+    assert PASSWORD not in result.stdout
+
+
+def test_errors_are_one_line_with_nonzero_exit(served, tmp_path: Path):
+    assert cli(served, tmp_path, "register", "carol", PASSWORD).returncode == 0
+    result = cli(served, tmp_path, "register", "carol", PASSWORD)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("Error: ") and "taken" in result.stderr
+    result = cli(served, tmp_path, "list-keys")
+    assert result.returncode == 1 and "not logged in" in result.stderr
+    result = run_cli(
+        ["--server", "http://127.0.0.1:9", "whoami"],
+        cwd=tmp_path,
+        env={"APIPOOL_TOKEN_FILE": str(tmp_path / "t")},
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+
+
+def test_token_file_path_from_environment(served, tmp_path: Path):
+    token_path = tmp_path / "elsewhere" / "tok"
+    token_path.parent.mkdir()
+    env = {"APIPOOL_TOKEN_FILE": str(token_path), "APIPOOL_SERVER": served.admin_url}
+    assert run_cli(["register", "dave", PASSWORD], cwd=tmp_path, env=env).returncode == 0
+    assert run_cli(["login", "dave", PASSWORD], cwd=tmp_path, env=env).returncode == 0
+    assert token_path.exists() and not (tmp_path / ".auth_token").exists()
+    result = run_cli(["whoami"], cwd=tmp_path, env=env)
+    assert result.stdout.startswith("dave")
+    os.remove(token_path)

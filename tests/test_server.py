@@ -1,0 +1,143 @@
+"""Starting, stopping and restarting ``apipool serve``: config errors, persistence across
+restarts and kill -9, the master key."""
+
+from __future__ import annotations
+
+import json
+import signal
+import stat
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .support import PASSWORD, ServerProcess, free_port, run_cli
+
+
+def call(url: str, method: str = "GET", body: Any = None, token: str | None = None):
+    request = urllib.request.Request(url, method=method)
+    if body is not None:
+        request.data = json.dumps(body).encode()
+        request.add_header("Content-Type", "application/json")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def serve_with(tmp_path: Path, config: str, env: dict[str, str] | None = None):
+    path = tmp_path / "bad.yaml"
+    path.write_text(config)
+    return subprocess.run(
+        [sys.executable, "-m", "apipool_proxy", "serve", "--config", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "env", "named"),
+    [
+        ("proxy: {port: 99999}\n", {}, "proxy.port"),
+        ("proxy: {port: eighty}\n", {}, "proxy.port"),
+        ("admin: {hots: 127.0.0.1}\n", {}, "admin.hots"),
+        ("nonsense: {a: 1}\n", {}, "nonsense"),
+        ("pool: {strategy: fastest}\n", {}, "pool.strategy"),
+        ("upstream: {max_attempts: 0}\n", {}, "upstream.max_attempts"),
+        ("auth: {open_registration: maybe}\n", {}, "auth.open_registration"),
+        ("", {"APIPOOL_ADMIN_PORT": "-1"}, "admin.port"),
+        ("", {"APIPOOL_LOG_FORMAT": "xml"}, "log.format"),
+        ("proxy: [1, 2\n", {}, "not valid YAML"),
+    ],
+)
+def test_bad_config_stops_startup_with_one_clear_line(tmp_path, config, env, named):
+    result = serve_with(tmp_path, config, env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert named in lines[0] and "Traceback" not in result.stderr
+
+
+def test_environment_overrides_the_file(tmp_path):
+    port = free_port()
+    server = ServerProcess(tmp_path, env={"APIPOOL_ADMIN_PORT": str(port)})
+    server.admin_port = port
+    with server:
+        assert call(server.admin_url + "/healthz")[0] == 200
+
+
+def test_everything_survives_kill_9_and_restart(tmp_path):
+    server = ServerProcess(tmp_path, "upstream: {allow_private_networks: true}\n").start()
+    try:
+        admin = server.admin_url
+        assert (
+            call(admin + "/api/register", "POST", {"username": "alice", "password": PASSWORD})[0]
+            == 201
+        )
+        creds = {"username": "alice", "password": PASSWORD}
+        token = call(admin + "/api/login", "POST", creds)[1]["token"]
+        doomed = call(admin + "/api/login", "POST", creds)[1]["token"]
+        status, key = call(
+            admin + "/api/keys",
+            "POST",
+            {"key": "sk-persisted-key-0001", "base_url": "http://127.0.0.1:9/v1", "models": ["m"]},
+            token,
+        )
+        assert status == 201
+        assert call(admin + "/api/logout", "POST", {}, doomed)[0] == 200
+        # Rejected on both ports at once.
+        assert call(admin + "/api/me", token=doomed)[0] == 401
+        assert call(server.proxy_url + "/models", token=doomed)[0] == 401
+        # kill -9 right after the writes were acknowledged: nothing may be lost.
+        server.stop(signal.SIGKILL)
+        server.start()
+        assert call(admin + "/api/me", token=token)[1]["username"] == "alice"
+        assert call(admin + "/api/login", "POST", creds)[0] == 200
+        keys = call(admin + "/api/keys", token=token)[1]["keys"]
+        assert [k["id"] for k in keys] == [key["id"]]
+        assert call(admin + "/api/me", token=doomed)[0] == 401
+        assert call(server.proxy_url + "/models", token=doomed)[0] == 401
+        assert call(server.proxy_url + "/models", token=token)[1]["data"][0]["id"] == "m"
+    finally:
+        server.stop(signal.SIGKILL)
+    assert "sk-persisted-key-0001" not in server.log()
+
+
+def test_sigterm_shuts_down_cleanly(tmp_path):
+    server = ServerProcess(tmp_path).start()
+    assert server.stop(signal.SIGTERM) == 0
+    assert "stopped" in server.log()
+    assert "Traceback" not in server.log()
+
+
+def test_master_key_file_is_private_and_required(tmp_path):
+    server = ServerProcess(tmp_path, "upstream: {allow_private_networks: true}\n").start()
+    key_file = tmp_path / "master.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    admin = server.admin_url
+    call(admin + "/api/register", "POST", {"username": "alice", "password": PASSWORD})
+    token = call(admin + "/api/login", "POST", {"username": "alice", "password": PASSWORD})[1]
+    call(
+        admin + "/api/keys",
+        "POST",
+        {"key": "sk-needs-the-master-key", "models": ["m"], "base_url": "http://127.0.0.1:9/v1"},
+        token["token"],
+    )
+    server.stop()
+    # A different master key cannot decrypt the stored keys: refuse to start, never re-key.
+    key_file.write_text("A" * 43 + "=\n")
+    result = run_cli(["serve", "--config", str(server.config)], cwd=tmp_path)
+    assert result.returncode == 1
+    assert "master key" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
