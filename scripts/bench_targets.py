@@ -18,7 +18,7 @@ def verdict(passed: bool, text: str) -> tuple[bool, str]:
 def nonstream_verdicts(section: dict) -> list[tuple[bool, str]]:
     levels = {level["connections"]: level["targets"] for level in section["levels"]}
     if section.get("apipool_error"):
-        why = "not measured: apipool-proxy did not start"
+        why = "not measured: apipool-proxy unavailable"
         return [
             verdict(False, f"req/s at 32 connections ({why})"),
             verdict(False, f"p50 at 1 connection ({why})"),
@@ -61,26 +61,18 @@ def error_aware(passed: bool, text: str, errors: int) -> tuple[bool, str]:
 def stream_verdicts(section: dict) -> list[tuple[bool, str]]:
     streams = section["streams"]
     if section.get("apipool_error"):
-        why = "not measured: apipool-proxy did not start"
+        why = "not measured: apipool-proxy unavailable"
         return [verdict(False, f"{streams:,} concurrent streams ({why})")]
     load = section["loads"][-1]  # the full load runs last
     apipool, direct = load["paths"]["apipool"], load["paths"]["direct"]
     reference = load["paths"]["reference"]
-
-    added = apipool["delay_ms"]["p99"] - direct["delay_ms"]["p99"]
-    floor = reference["delay_ms"]["p99"] - direct["delay_ms"]["p99"]
     return [
         verdict(
             apipool["errors"] == 0,
             f"{streams:,} concurrent streams without errors: {apipool['errors']} errors "
             f"{apipool['error_kinds'] or ''}".rstrip(),
         ),
-        verdict(
-            added < STREAM_DELAY_P99_MS,
-            f"added delay per chunk p99 at {streams:,} streams: {added:.2f} ms "
-            f"(apipool {apipool['delay_ms']['p99']:.2f} - direct {direct['delay_ms']['p99']:.2f};"
-            f" reference proxy adds {floor:.2f}; target < {STREAM_DELAY_P99_MS:g} ms)",
-        ),
+        delay_verdict(streams, apipool, direct, reference),
         verdict(
             apipool["peak_rss_mb"] < STREAM_RSS_MB,
             f"peak RSS at {streams:,} streams: {apipool['peak_rss_mb']:.1f} MB "
@@ -89,9 +81,27 @@ def stream_verdicts(section: dict) -> list[tuple[bool, str]]:
     ]
 
 
+def delay_verdict(streams: int, apipool: dict, direct: dict, reference: dict):
+    """Judge the delay apipool adds over the measuring setup alone (the direct path)."""
+    what = f"added delay per chunk p99 at {streams:,} streams"
+    p99 = {
+        name: row["delay_ms"]["p99"]
+        for name, row in (("apipool", apipool), ("direct", direct), ("reference", reference))
+    }
+    if p99["apipool"] is None or p99["direct"] is None:
+        return verdict(False, f"{what}: not measured, no chunk arrived")
+    added = p99["apipool"] - p99["direct"]
+    floor = f"{p99['reference'] - p99['direct']:.2f}" if p99["reference"] is not None else "-"
+    return verdict(
+        added < STREAM_DELAY_P99_MS,
+        f"{what}: {added:.2f} ms (apipool {p99['apipool']:.2f} - direct {p99['direct']:.2f};"
+        f" the reference proxy adds {floor}; target < {STREAM_DELAY_P99_MS:g} ms)",
+    )
+
+
 def leak_verdicts(section: dict) -> list[tuple[bool, str]]:
     if section.get("apipool_error"):
-        return [verdict(False, "memory growth (not measured: apipool-proxy did not start)")]
+        return [verdict(False, "memory growth (not measured: apipool-proxy unavailable)")]
     first, last = section["checkpoints"][0], section["checkpoints"][-1]
     growth = section["growth_pct"]
     text = (

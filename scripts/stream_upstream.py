@@ -5,6 +5,11 @@ apart, then `data: [DONE]`. Each chunk carries "x_sent_at", the sender's time.ti
 before the write, so a client on the same machine can measure how long each chunk took to reach
 it. Requests without "stream": true get one canned chat.completion.
 
+Two optional body fields let a load client hold many streams open before any chunk flows:
+"x_start_at" (a time.time() value: the headers go out at once, the first chunk not before
+then) and "x_phase" (0..1: how far into the first interval this stream's chunks are offset,
+so a thousand streams do not send in lockstep).
+
     python scripts/stream_upstream.py --port 9001 [--chunks 100] [--interval 0.02]
 """
 
@@ -69,7 +74,12 @@ def completion() -> dict:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await request.json()
+    try:
+        body = await request.json()
+    except ValueError as exc:
+        # The OpenAI API answers a body it cannot parse with 400, not a server error.
+        error = {"message": f"invalid JSON body: {exc}", "type": "invalid_request_error"}
+        return web.json_response({"error": error}, status=400)
     if not body.get("stream"):
         return web.json_response(completion())
 
@@ -77,7 +87,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
-    await send_chunks(response, request.app[CHUNKS_KEY], request.app[INTERVAL_KEY])
+    interval = request.app[INTERVAL_KEY]
+    first_at = float(body.get("x_start_at") or time.time()) + float(body.get("x_phase", 0)) * interval
+    await send_chunks(response, request.app[CHUNKS_KEY], interval, first_at)
     if (body.get("stream_options") or {}).get("include_usage"):
         await response.write(usage_event())
     await response.write(b"data: [DONE]\n\n")
@@ -85,13 +97,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def send_chunks(response: web.StreamResponse, prefixes: list[bytes], interval: float):
-    # Pace against an absolute schedule so a slow write does not stretch the whole stream.
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+async def send_chunks(
+    response: web.StreamResponse, prefixes: list[bytes], interval: float, first_at: float
+) -> None:
+    # Pace against an absolute schedule so one late write does not stretch the whole stream.
     for index, prefix in enumerate(prefixes):
-        if index:
-            await asyncio.sleep(max(0.0, start + index * interval - loop.time()))
+        wait = first_at + index * interval - time.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
         await response.write(prefix + b"%.6f}\n\n" % time.time())
 
 

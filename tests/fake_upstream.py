@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterat
 from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesHeaderParser
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from aiohttp import WSMsgType, web
@@ -63,83 +63,57 @@ SPEECH_BYTES = 200 * 1024
 SPEECH_CHUNKS = 8
 FINGERPRINT = "fp_fake"
 
-FAULT_MODES = frozenset(
-    {
-        "429",
-        "insufficient_quota",
-        "400",
-        "401",
-        "403",
-        "500",
-        "502",
-        "503",
-        "504",
-        "302",
-        "hang",
-        "reset",
-        "delay",
-        "die_midstream",
-        "slow_stream",
-    }
-)
 
-# (status, message, type, param, code) per error fault, close to what OpenAI sends.
-_FAULT_ERRORS: dict[str, tuple[int, str, str, str | None, str | None]] = {
-    "429": (
+class _ErrorFault(NamedTuple):
+    status: int
+    type: str
+    code: str | None
+    message: str
+    param: str | None = None
+
+
+# The error faults, with the envelope OpenAI sends for each; fail() options can override
+# message, type, param and code.
+_FAULT_ERRORS = {
+    "429": _ErrorFault(
         429,
+        "requests",
+        "rate_limit_exceeded",
         "Rate limit reached for requests per min (RPM) in organization org-fake: "
         "Limit 3, Used 3, Requested 1. Please try again in 1s.",
-        "requests",
-        None,
-        "rate_limit_exceeded",
     ),
-    "insufficient_quota": (
+    "insufficient_quota": _ErrorFault(
         429,
+        "insufficient_quota",
+        "insufficient_quota",
         "You exceeded your current quota, please check your plan and billing details.",
-        "insufficient_quota",
-        None,
-        "insufficient_quota",
     ),
-    "400": (
+    "400": _ErrorFault(
         400,
-        "Invalid 'temperature': decimal above maximum value. "
-        "Expected a value <= 2, but got 7 instead.",
         "invalid_request_error",
-        "temperature",
         "decimal_above_max_value",
+        "Invalid 'temperature': decimal above maximum value. Expected a value <= 2.",
+        param="temperature",
     ),
-    "401": (
-        401,
-        "Incorrect API key provided: {key}. You can find your API key at "
-        "https://platform.openai.com/account/api-keys.",
-        "invalid_request_error",
-        None,
-        "invalid_api_key",
+    # OpenAI echoes (most of) the rejected key; the proxy must redact it before relaying.
+    "401": _ErrorFault(
+        401, "invalid_request_error", "invalid_api_key", "Incorrect API key provided: {key}."
     ),
-    "403": (
+    "403": _ErrorFault(
         403,
-        "Country, region, or territory not supported",
         "request_forbidden",
-        None,
         "unsupported_country_region_territory",
+        "Country, region, or territory not supported",
     ),
-    "500": (
-        500,
-        "The server had an error while processing your request. Sorry about that!",
-        "server_error",
-        None,
-        None,
+    "500": _ErrorFault(
+        500, "server_error", None, "The server had an error processing your request."
     ),
-    "502": (502, "Bad gateway.", "server_error", None, None),
-    "503": (
-        503,
-        "The engine is currently overloaded, please try again later.",
-        "server_error",
-        None,
-        None,
-    ),
-    "504": (504, "Gateway timeout.", "server_error", None, None),
+    "502": _ErrorFault(502, "server_error", None, "Bad gateway."),
+    "503": _ErrorFault(503, "server_error", None, "The engine is currently overloaded."),
+    "504": _ErrorFault(504, "server_error", None, "Gateway timeout."),
 }
+_BEHAVIOUR_FAULTS = {"302", "hang", "reset", "delay", "die_midstream", "slow_stream"}
+FAULT_MODES = frozenset(_FAULT_ERRORS) | _BEHAVIOUR_FAULTS
 
 # Cloudflare answers a dead origin with HTML, not JSON; proxies must cope with both.
 _BAD_GATEWAY_HTML = (
@@ -266,6 +240,17 @@ def split_text(text: str, parts: int) -> list[str]:
     return pieces
 
 
+@dataclass(frozen=True)
+class FormPart:
+    name: str
+    filename: str | None
+    content_type: str | None
+    data: bytes
+
+    def text(self) -> str:
+        return self.data.decode()
+
+
 def parse_multipart(content_type: str, body: bytes) -> dict[str, FormPart]:
     """Parse a multipart/form-data body (RFC 7578) into its named parts, bytes untouched.
 
@@ -285,17 +270,6 @@ def parse_multipart(content_type: str, body: bytes) -> dict[str, FormPart]:
         if isinstance(name, str):
             parts[name] = FormPart(name, headers.get_filename(), headers.get("content-type"), data)
     return parts
-
-
-@dataclass(frozen=True)
-class FormPart:
-    name: str
-    filename: str | None
-    content_type: str | None
-    data: bytes
-
-    def text(self) -> str:
-        return self.data.decode()
 
 
 def _header_param(header: str, value: str, param: str) -> str | None:
@@ -341,6 +315,12 @@ def _usage(prompt: int, completion: int) -> Json:
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+
+
+def _stream_usage(body: Json, usage: Json) -> Json | None:
+    """The usage for a final stream chunk, or None when the client did not ask for one."""
+    options = body.get("stream_options")
+    return usage if isinstance(options, dict) and options.get("include_usage") else None
 
 
 def _stamped(obj: Json) -> Json:
@@ -472,6 +452,17 @@ def _completion_chunks(model: str, pieces: list[str], usage: Json | None) -> Ite
         tail = _text_completion(model, [], usage, last=True)
         yield _sse(_stamped({**tail, "choices": []}))
     yield b"data: [DONE]\n\n"
+
+
+def _embedding_inputs(value: Any) -> list[Any]:
+    """The inputs of an embeddings request: a string, a token list, or a list of either."""
+    if isinstance(value, str) or (
+        isinstance(value, list) and value and all(isinstance(v, int) for v in value)
+    ):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ApiError(400, "'input' must be a non-empty string or array.", param="input")
+    return value
 
 
 def _moderation_result() -> Json:
@@ -815,7 +806,8 @@ class FakeUpstream:
                 raise ApiError(401, _MISSING_KEY)
             account = self.account(key)
             if account.revoked:
-                raise ApiError(401, _FAULT_ERRORS["401"][1].format(key=key), code="invalid_api_key")
+                message = _FAULT_ERRORS["401"].message.format(key=key)
+                raise ApiError(401, message, code="invalid_api_key")
             fault = self._next_fault(account)
             request[_FAULT] = fault
             early = await self._apply_fault(request, fault) if fault else None
@@ -874,20 +866,19 @@ class FakeUpstream:
         return self._fault_error(request, fault)
 
     def _fault_error(self, request: web.Request, fault: Fault) -> web.Response:
-        status, message, type_, param, code = _FAULT_ERRORS[fault.mode]
-        opts = fault.opts
+        spec, opts = _FAULT_ERRORS[fault.mode], fault.opts
         headers = self._retry_headers(opts)
         if fault.mode == "502" and opts.get("html"):
             return web.Response(
                 status=502, text=_BAD_GATEWAY_HTML, content_type="text/html", headers=headers
             )
         body = error_body(
-            opts.get("message", message.format(key=request[_KEY])),
-            type_=opts.get("type", type_),
-            param=opts.get("param", param),
-            code=opts.get("code", code),
+            opts.get("message", spec.message.format(key=request[_KEY])),
+            type_=opts.get("type", spec.type),
+            param=opts.get("param", spec.param),
+            code=opts.get("code", spec.code),
         )
-        return self._json(body, status=status, headers=headers)
+        return self._json(body, status=spec.status, headers=headers)
 
     @staticmethod
     def _retry_headers(opts: dict[str, Any]) -> dict[str, str]:
@@ -990,16 +981,11 @@ class FakeUpstream:
             )
         return model
 
-    def _stream_usage(self, request: web.Request, body: Json, usage: Json) -> Json | None:
-        """The usage for the final stream chunk, or None when the client did not ask for it."""
-        options = body.get("stream_options")
-        if options is not None and (
-            self.reject_stream_options or self._account_of(request).reject_stream_options
-        ):
+    def _check_stream_options(self, request: web.Request, body: Json) -> None:
+        rejected = self.reject_stream_options or self._account_of(request).reject_stream_options
+        if "stream_options" in body and rejected:
             # What OpenAI-compatible servers that predate stream_options answer.
             raise ApiError(400, "Unrecognized request argument supplied: stream_options")
-        wanted = isinstance(options, dict) and options.get("include_usage")
-        return usage if wanted else None
 
     # -- text endpoints ------------------------------------------------------------------------
 
@@ -1014,13 +1000,14 @@ class FakeUpstream:
                 param="messages",
                 code="empty_array",
             )
+        self._check_stream_options(request, body)
         text = "echo: " + _last_user_text(messages)
         usage = _usage(_input_words(messages), self.stream_chunks)
 
         if body.get("stream"):
-            tail = self._stream_usage(request, body, usage)
             pieces = split_text(text, self.stream_chunks)
-            return await self._send_sse(request, _chat_chunks(model, pieces, tail))
+            chunks = _chat_chunks(model, pieces, _stream_usage(body, usage))
+            return await self._send_sse(request, chunks)
         return self._json(_chat_completion(model, text, usage))
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -1029,23 +1016,19 @@ class FakeUpstream:
         prompt = body.get("prompt", "")
         prompt = prompt[0] if isinstance(prompt, list) and prompt else prompt
         prompt = prompt if isinstance(prompt, str) else ""
+        self._check_stream_options(request, body)
         pieces = split_text("echo: " + prompt, self.stream_chunks)
         usage = _usage(_words(prompt), self.stream_chunks)
 
         if body.get("stream"):
-            tail = self._stream_usage(request, body, usage)
-            return await self._send_sse(request, _completion_chunks(model, pieces, tail))
+            chunks = _completion_chunks(model, pieces, _stream_usage(body, usage))
+            return await self._send_sse(request, chunks)
         return self._json(_text_completion(model, pieces, usage, last=True))
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body = await _json_body(request)
         model = self._require_model(request, body)
-        value = body.get("input")
-        # A string, a token list, or a list of either (openai embeddings reference).
-        if isinstance(value, str) or (value and all(isinstance(v, int) for v in value)):
-            value = [value]
-        if not isinstance(value, list) or not value:
-            raise ApiError(400, "'input' must be a non-empty string or array.", param="input")
+        value = _embedding_inputs(body.get("input"))
         dimensions = int(body.get("dimensions") or EMBEDDING_DIM)
         as_base64 = body.get("encoding_format") == "base64"
         data = [
@@ -1098,8 +1081,7 @@ class FakeUpstream:
     def _models_account(self, request: web.Request) -> Account:
         account = self._account_of(request)
         if account.models_fail:
-            message = _FAULT_ERRORS["500"][1]
-            raise ApiError(500, message, type_="server_error")
+            raise ApiError(500, _FAULT_ERRORS["500"].message, type_="server_error")
         return account
 
     # -- audio ---------------------------------------------------------------------------------
@@ -1167,8 +1149,8 @@ class FakeUpstream:
         del account.files[file_id], account.file_contents[file_id]
         return self._json({"id": file_id, "object": "file", "deleted": True})
 
-    def _file(self, request: web.Request, file_id: str | None = None) -> Json:
-        file_id = file_id or request.match_info["file_id"]
+    def _file(self, request: web.Request) -> Json:
+        file_id = request.match_info["file_id"]
         file = self._account_of(request).files.get(file_id)
         if file is None:
             raise ApiError(404, f"No such File object: {file_id}", param="id")
@@ -1279,15 +1261,17 @@ def _maybe_json(text: str) -> Any:
         return text
 
 
-@pytest.fixture
-async def fake_upstream() -> AsyncIterator[FakeUpstream]:
+# Named fixtures, so a test module can import them (or conftest can list this module in
+# pytest_plugins) without its test parameters shadowing the imported names.
+@pytest.fixture(name="fake_upstream")
+async def fake_upstream_fixture() -> AsyncIterator[FakeUpstream]:
     """A started FakeUpstream, stopped after the test."""
     async with FakeUpstream() as up:
         yield up
 
 
-@pytest.fixture
-async def make_fake_upstream() -> AsyncIterator[Callable[[], Awaitable[FakeUpstream]]]:
+@pytest.fixture(name="make_fake_upstream")
+async def make_fake_upstream_fixture() -> AsyncIterator[Callable[[], Awaitable[FakeUpstream]]]:
     """A factory starting as many FakeUpstreams as a test needs; all stopped after it."""
     started: list[FakeUpstream] = []
 

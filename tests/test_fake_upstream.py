@@ -7,7 +7,7 @@ import gzip
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
 import openai
@@ -16,11 +16,11 @@ from multidict import CIMultiDict
 from openai import AsyncOpenAI, OpenAI
 from yarl import URL
 
-from tests.fake_upstream import (
+from tests.fake_upstream import (  # noqa: F401  (the fixtures are used by name)
     FakeUpstream,
     fake_embedding,
-    fake_upstream,  # noqa: F401  (fixture)
-    make_fake_upstream,  # noqa: F401  (fixture)
+    fake_upstream_fixture,
+    make_fake_upstream_fixture,
     speech_audio,
 )
 
@@ -30,7 +30,7 @@ CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello 
 
 
 @pytest.fixture(autouse=True)
-def no_server_errors(caplog: pytest.LogCaptureFixture) -> None:
+def no_server_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """A fault must look deliberate from the outside and leave no traceback in aiohttp's log."""
     caplog.set_level(logging.ERROR, logger="aiohttp")
     yield
@@ -39,7 +39,7 @@ def no_server_errors(caplog: pytest.LogCaptureFixture) -> None:
 
 
 @pytest.fixture
-async def client(fake_upstream: FakeUpstream) -> AsyncIterator[AsyncOpenAI]:  # noqa: F811
+async def client(fake_upstream: FakeUpstream) -> AsyncIterator[AsyncOpenAI]:
     async with _client(fake_upstream, KEY_A) as sdk:
         yield sdk
 
@@ -61,7 +61,7 @@ async def _raw_get(up: FakeUpstream, path: str, **kwargs: object) -> tuple[int, 
 
 
 async def test_chat_completion_echoes_and_names_the_serving_key(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     raw = await client.chat.completions.with_raw_response.create(**CHAT)
@@ -78,7 +78,7 @@ async def test_chat_completion_echoes_and_names_the_serving_key(
     assert recorded.json()["messages"] == CHAT["messages"]
 
 
-async def test_sync_client_works_from_a_thread(fake_upstream: FakeUpstream) -> None:  # noqa: F811
+async def test_sync_client_works_from_a_thread(fake_upstream: FakeUpstream) -> None:
     # The sync SDK blocks, so it must not run on the loop that serves the fake.
     def call() -> str | None:
         with OpenAI(base_url=fake_upstream.base_url, api_key=KEY_A, max_retries=0) as sdk:
@@ -109,7 +109,7 @@ async def test_stream_with_include_usage_ends_with_a_usage_chunk(client: AsyncOp
 
 
 async def test_stream_options_can_be_rejected_per_key(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.account(KEY_A).reject_stream_options = True
@@ -149,7 +149,7 @@ async def test_embeddings_round_trip_in_base64_and_float(client: AsyncOpenAI) ->
 
 
 async def test_models_follow_the_key_and_keep_slashes_encoded(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     model = await client.models.retrieve("qwen/qwen2.5-coder-7b-instruct")
@@ -162,7 +162,7 @@ async def test_models_follow_the_key_and_keep_slashes_encoded(
 
 
 async def test_models_fail_answers_500_until_healed(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.models_fail(KEY_A)
@@ -176,7 +176,7 @@ async def test_models_fail_answers_500_until_healed(
 
 
 async def test_file_and_batch_belong_to_the_account_that_made_them(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     content = b'{"custom_id": "1"}\r\n\x00\xff--boundary-lookalike\r\n'
@@ -215,7 +215,7 @@ async def test_file_list_pages_with_limit_and_after(client: AsyncOpenAI) -> None
 
 
 async def test_completed_batch_exposes_its_output_file(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     file = await client.files.create(file=("in.jsonl", b"{}"), purpose="batch")
@@ -232,7 +232,7 @@ async def test_completed_batch_exposes_its_output_file(
 
 
 async def test_responses_chain_within_one_account_only(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     first = await client.responses.create(model="gpt-4o-mini", input="one two")
@@ -276,7 +276,7 @@ async def test_transcription_reports_the_uploaded_bytes_digest(client: AsyncOpen
 
 
 async def test_speech_streams_deterministic_binary(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     speech = await client.audio.speech.create(model="tts-1", voice="alloy", input="say this")
@@ -290,7 +290,7 @@ async def test_speech_streams_deterministic_binary(
 
 
 async def test_429_carries_retry_headers_and_is_used_up(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.fail(
@@ -307,7 +307,7 @@ async def test_429_carries_retry_headers_and_is_used_up(
 
 
 async def test_faults_queue_in_order_per_key(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.fail(KEY_A, "insufficient_quota", times=1)
@@ -335,7 +335,7 @@ async def test_faults_queue_in_order_per_key(
     ],
 )
 async def test_status_faults_last_until_healed(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
     mode: str,
     error: type[openai.APIStatusError],
@@ -351,7 +351,7 @@ async def test_status_faults_last_until_healed(
 
 
 async def test_400_message_and_param_are_scriptable(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.fail(KEY_A, "400", times=1, message="Bad 'n'.", param="n")
@@ -365,7 +365,7 @@ async def test_400_message_and_param_are_scriptable(
     }
 
 
-async def test_502_can_answer_html(fake_upstream: FakeUpstream) -> None:  # noqa: F811
+async def test_502_can_answer_html(fake_upstream: FakeUpstream) -> None:
     fake_upstream.fail(KEY_A, "502", times=1, html=True)
     status, headers, _ = await _raw_get(fake_upstream, "/v1/models")
     assert status == 502
@@ -373,7 +373,7 @@ async def test_502_can_answer_html(fake_upstream: FakeUpstream) -> None:  # noqa
 
 
 async def test_revoked_key_echoes_itself_in_the_401(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.revoke(KEY_A)
@@ -383,7 +383,7 @@ async def test_revoked_key_echoes_itself_in_the_401(
     assert KEY_A in caught.value.body["message"]
 
 
-async def test_missing_key_is_401(fake_upstream: FakeUpstream) -> None:  # noqa: F811
+async def test_missing_key_is_401(fake_upstream: FakeUpstream) -> None:
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{fake_upstream.base_url}/models") as response:
             assert response.status == 401
@@ -391,7 +391,7 @@ async def test_missing_key_is_401(fake_upstream: FakeUpstream) -> None:  # noqa:
 
 
 async def test_hang_times_out_and_is_released(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.fail(KEY_A, "hang", times=1)
@@ -402,7 +402,7 @@ async def test_hang_times_out_and_is_released(
     assert fake_upstream.disconnects == 1
 
 
-async def test_hang_does_not_hold_shutdown(fake_upstream: FakeUpstream) -> None:  # noqa: F811
+async def test_hang_does_not_hold_shutdown() -> None:
     async with FakeUpstream() as up:
         up.fail(KEY_A, "hang")
         pending = asyncio.ensure_future(_raw_get(up, "/v1/models"))
@@ -414,7 +414,7 @@ async def test_hang_does_not_hold_shutdown(fake_upstream: FakeUpstream) -> None:
 
 
 async def test_reset_is_a_connection_error(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.fail(KEY_A, "reset", times=1)
@@ -424,7 +424,7 @@ async def test_reset_is_a_connection_error(
 
 
 async def test_die_midstream_breaks_iteration_after_n_chunks(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.fail(KEY_A, "die_midstream", times=1, after_chunks=2)
@@ -437,7 +437,7 @@ async def test_die_midstream_breaks_iteration_after_n_chunks(
 
 
 async def test_die_midstream_truncates_a_plain_body(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.fail(KEY_A, "die_midstream", times=1)
@@ -446,7 +446,7 @@ async def test_die_midstream_truncates_a_plain_body(
 
 
 async def test_slow_stream_spaces_chunks(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.fail(KEY_A, "slow_stream", times=1, chunk_delay=0.05)
@@ -457,7 +457,7 @@ async def test_slow_stream_spaces_chunks(
 
 
 async def test_client_leaving_midstream_is_counted_and_released(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.fail(KEY_A, "slow_stream", times=1, chunk_delay=0.2)
@@ -470,7 +470,7 @@ async def test_client_leaving_midstream_is_counted_and_released(
     assert fake_upstream.disconnects == 1
 
 
-async def test_redirect_is_not_followed_by_the_fake(fake_upstream: FakeUpstream) -> None:  # noqa: F811
+async def test_redirect_is_not_followed_by_the_fake(fake_upstream: FakeUpstream) -> None:
     fake_upstream.fail(KEY_A, "302", times=1, location="http://127.0.0.1:9/x")
     status, headers, _ = await _raw_get(fake_upstream, "/v1/models", allow_redirects=False)
     assert status == 302
@@ -478,7 +478,7 @@ async def test_redirect_is_not_followed_by_the_fake(fake_upstream: FakeUpstream)
 
 
 async def test_unknown_url_and_wrong_method_are_openai_404s(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
 ) -> None:
     for path in ("/v1/nope", "/v1/chat/completions"):
         status, _, raw = await _raw_get(fake_upstream, path)
@@ -489,7 +489,7 @@ async def test_unknown_url_and_wrong_method_are_openai_404s(
 
 
 async def test_gzip_compresses_json_and_the_sdk_still_parses(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
     client: AsyncOpenAI,
 ) -> None:
     fake_upstream.gzip = True
@@ -504,7 +504,7 @@ async def test_gzip_compresses_json_and_the_sdk_still_parses(
 
 
 async def test_realtime_websocket_echoes_and_closes_after_n_frames(
-    fake_upstream: FakeUpstream,  # noqa: F811
+    fake_upstream: FakeUpstream,
 ) -> None:
     fake_upstream.ws_close_after = 2
     url = f"ws://127.0.0.1:{fake_upstream.port}/v1/realtime?model=gpt-4o-realtime-preview"
@@ -523,7 +523,9 @@ async def test_realtime_websocket_echoes_and_closes_after_n_frames(
     assert fake_upstream.requests[0].query_string == "model=gpt-4o-realtime-preview"
 
 
-async def test_factory_starts_independent_upstreams(make_fake_upstream) -> None:  # noqa: F811
+async def test_factory_starts_independent_upstreams(
+    make_fake_upstream: Callable[[], Awaitable[FakeUpstream]],
+) -> None:
     first, second = await make_fake_upstream(), await make_fake_upstream()
     async with _client(second, KEY_A) as sdk:
         raw = await sdk.chat.completions.with_raw_response.create(**CHAT)

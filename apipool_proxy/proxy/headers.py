@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+# The sets below hold lower-case names; every lookup lower-cases the header name first.
+
 # RFC 9110 section 7.6.1: connection-specific headers are never forwarded.
 HOP_BY_HOP = frozenset(
-    istr(h)
-    for h in (
+    (
         "connection",
         "keep-alive",
         "proxy-connection",
@@ -27,8 +28,7 @@ HOP_BY_HOP = frozenset(
 )
 
 _DROP_FROM_CALLER = HOP_BY_HOP | frozenset(
-    istr(h)
-    for h in (
+    (
         "host",
         "content-length",  # recomputed for the replayed body
         "accept-encoding",  # the upstream session negotiates its own and decodes
@@ -45,8 +45,7 @@ _DROP_FROM_CALLER = HOP_BY_HOP | frozenset(
 )
 
 _DROP_FROM_UPSTREAM = HOP_BY_HOP | frozenset(
-    istr(h)
-    for h in (
+    (
         "content-length",  # aiohttp frames the body it sends
         "content-encoding",  # the body was decoded on the way in
         "set-cookie",
@@ -68,7 +67,7 @@ def upstream_request_headers(caller: CIMultiDictProxy[str], auth_header: str) ->
     connection_named = _connection_tokens(caller)
     for name, value in caller.items():
         lowered = name.lower()
-        if name in _DROP_FROM_CALLER or lowered.startswith("x-forwarded-"):
+        if lowered in _DROP_FROM_CALLER or lowered.startswith("x-forwarded-"):
             continue
         if connection_named and lowered in connection_named:
             continue
@@ -80,8 +79,9 @@ def upstream_request_headers(caller: CIMultiDictProxy[str], auth_header: str) ->
 def caller_response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
-        if name in _DROP_FROM_UPSTREAM:
-            if name == REQUEST_ID:
+        lowered = name.lower()
+        if lowered in _DROP_FROM_UPSTREAM:
+            if lowered == "x-request-id":
                 out[UPSTREAM_REQUEST_ID] = value
             continue
         out.add(name, value)

@@ -1,0 +1,444 @@
+"""The /v1 proxy, driven by the official openai SDK against fake upstreams on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import aiohttp
+import openai
+import pytest
+
+from .fake_upstream import FakeUpstream
+from .support import Member
+
+
+@dataclass
+class Pool:
+    server: object
+    up: FakeUpstream
+    alice: Member
+    keys: list[str]
+    key_ids: list[int]
+    clients: list[openai.AsyncOpenAI | openai.OpenAI] = field(default_factory=list)
+
+    def client(self, token: str | None = None) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(
+            base_url=self.server.proxy_url,  # type: ignore[attr-defined]
+            api_key=token or self.alice.token,
+            max_retries=0,
+        )
+        self.clients.append(client)
+        return client
+
+    def sync_client(self) -> openai.OpenAI:
+        client = openai.OpenAI(
+            base_url=self.server.proxy_url,  # type: ignore[attr-defined]
+            api_key=self.alice.token,
+            max_retries=0,
+        )
+        self.clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients:
+            if isinstance(client, openai.AsyncOpenAI):
+                await client.close()
+            else:
+                client.close()
+
+    def served_by(self, key: str) -> int:
+        """Requests the key served, not counting the proxy's own model discovery."""
+        return sum(1 for r in self.up.requests_for(key) if r.path != "/v1/models")
+
+
+async def make_pool(
+    server, http, n_keys: int = 2, username: str = "alice", **key_fields
+) -> AsyncIterator[Pool]:
+    async with FakeUpstream() as up:
+        alice = await Member(http, server.admin_url, username).join()
+        keys = [f"sk-pool-key-{i}-{'x' * 20}" for i in range(n_keys)]
+        ids = []
+        for key in keys:
+            added = await alice.add_key(key, up.base_url, **key_fields)
+            ids.append(added["id"])
+        pool = Pool(server, up, alice, keys, ids)
+        try:
+            yield pool
+        finally:
+            await pool.close()
+
+
+@pytest.fixture
+async def pool(server, http) -> AsyncIterator[Pool]:
+    async for p in make_pool(server, http, models=None):
+        await wait_models_known(p)
+        yield p
+
+
+async def wait_models_known(p: Pool) -> None:
+    """Keys added without models ask the upstream's /models in the background."""
+    async with asyncio.timeout(5):
+        while True:
+            status, data = await p.alice.call("GET", "/api/keys")
+            if all(k["discovered_models"] for k in data["keys"]):
+                return
+            await asyncio.sleep(0.02)
+
+
+def messages(text: str = "hello there") -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+# -- the surface ------------------------------------------------------------------------------
+
+
+async def test_chat_completion_async_and_sync(pool: Pool):
+    reply = await pool.client().chat.completions.create(
+        model="gpt-4o-mini", messages=messages("hello there")
+    )
+    assert reply.choices[0].message.content == "echo: hello there"
+    assert reply.usage is not None and reply.usage.prompt_tokens == 2
+
+    sync_reply = await asyncio.to_thread(
+        lambda: pool.sync_client().chat.completions.create(
+            model="gpt-4o-mini", messages=messages("from a thread")
+        )
+    )
+    assert sync_reply.choices[0].message.content == "echo: from a thread"
+
+
+async def test_stream_arrives_chunk_by_chunk_in_order(pool: Pool):
+    pool.up.stream_chunks = 5
+    pool.up.chunk_delay = 0.2
+    stream = await pool.client().chat.completions.create(
+        model="gpt-4o-mini", messages=messages("one two three"), stream=True
+    )
+    arrivals, pieces = [], []
+    async for chunk in stream:
+        arrivals.append(time.monotonic())
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        assert chunk.usage is None  # not asked for: no usage chunk
+    assert "".join(pieces) == "echo: one two three"
+    # Relayed as they come: the gaps between chunks are the upstream's, not one burst.
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert sum(1 for g in gaps if g > 0.1) >= 3
+
+
+async def test_stream_with_include_usage_keeps_the_usage_chunk(pool: Pool):
+    stream = await pool.client().chat.completions.create(
+        model="gpt-4o-mini",
+        messages=messages("a b c"),
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == 3
+
+
+async def test_embeddings(pool: Pool):
+    result = await pool.client().embeddings.create(
+        model="text-embedding-3-small", input=["a", "b"]
+    )
+    assert len(result.data) == 2 and len(result.data[0].embedding) == 8
+
+
+async def test_multipart_upload_and_binary_download_byte_for_byte(pool: Pool):
+    audio = bytes(range(256)) * 4000  # ~1 MB of every byte value
+    result = await pool.client().audio.transcriptions.create(
+        model="whisper-1", file=("clip.wav", audio, "audio/wav")
+    )
+    assert hashlib.sha256(audio).hexdigest() in result.text
+    speech = await pool.client().audio.speech.create(model="tts-1", voice="alloy", input="hi")
+    async with openai.AsyncOpenAI(
+        base_url=pool.up.base_url, api_key=pool.keys[0], max_retries=0
+    ) as direct:
+        expected = await direct.audio.speech.create(model="tts-1", voice="alloy", input="hi")
+    assert speech.content == expected.content and len(speech.content) == 200 * 1024
+
+
+async def test_models_list_and_lookup_with_slash_and_colon(pool: Pool):
+    client = pool.client()
+    ids = [m.id async for m in client.models.list()]
+    assert "gpt-4o-mini" in ids and "qwen/qwen2.5-coder-7b-instruct" in ids
+    model = await client.models.retrieve("qwen/qwen2.5-coder-7b-instruct")
+    assert model.id == "qwen/qwen2.5-coder-7b-instruct"
+    assert (await client.models.retrieve("ft:gpt-4o-mini:acme::abc123")).id.startswith("ft:")
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("no-such-model")
+
+
+async def test_unlisted_endpoint_query_and_raw_path_pass_through(pool: Pool, http):
+    url = pool.server.proxy_url + "/files/a%2Fb?limit=3&order=asc"
+    async with http.get(url, headers=pool.alice.auth) as resp:
+        assert resp.status == 404  # the upstream's own answer, relayed
+    seen = pool.up.requests[-1]
+    assert seen.raw_path == "/v1/files/a%2Fb" and seen.query_string == "limit=3&order=asc"
+
+
+# -- headers ----------------------------------------------------------------------------------
+
+
+async def test_upstream_sees_only_the_pooled_key_and_allowed_headers(pool: Pool, http):
+    headers = {
+        **pool.alice.auth,
+        "Cookie": "session=caller",
+        "X-Forwarded-For": "10.1.2.3",
+        "X-Forwarded-Host": "evil",
+        "Forwarded": "for=10.1.2.3",
+        "OpenAI-Organization": "org-caller",
+        "OpenAI-Project": "proj-caller",
+        "OpenAI-Beta": "assistants=v2",
+        "X-Stainless-Lang": "python",
+        "User-Agent": "my-app/1.0",
+        "Connection": "keep-alive, X-Hop",
+        "X-Hop": "1",
+        "Proxy-Authorization": "Basic abc",
+        "api-key": "also-a-secret",
+    }
+    body = {"model": "gpt-4o-mini", "messages": messages()}
+    async with http.post(pool.server.proxy_url + "/chat/completions", json=body,
+                         headers=headers) as resp:
+        assert resp.status == 200
+        caller_sees = resp.headers
+    seen = pool.up.requests[-1].headers
+    assert seen["Authorization"] in {f"Bearer {k}" for k in pool.keys}
+    assert pool.alice.token not in str(dict(seen))
+    for name in ("Cookie", "X-Forwarded-For", "X-Forwarded-Host", "Forwarded",
+                 "OpenAI-Organization", "OpenAI-Project", "X-Hop", "Proxy-Authorization",
+                 "api-key"):
+        assert name not in seen, name
+    assert seen["OpenAI-Beta"] == "assistants=v2"
+    assert seen["X-Stainless-Lang"] == "python" and seen["User-Agent"] == "my-app/1.0"
+    assert seen["Content-Type"] == "application/json"
+    assert caller_sees["x-request-id"].startswith("req_")
+    assert "x-fake-key-id" in caller_sees  # upstream headers pass...
+    assert "openai-organization" not in caller_sees  # ...but not the key owner's account
+    assert "set-cookie" not in caller_sees
+
+
+async def test_gzip_upstream_is_decoded_consistently(pool: Pool, http):
+    pool.up.gzip = True
+    body = {"model": "gpt-4o-mini", "messages": messages("zip")}
+    async with http.post(pool.server.proxy_url + "/chat/completions", json=body,
+                         headers=pool.alice.auth) as resp:
+        assert "Content-Encoding" not in resp.headers
+        assert (await resp.json())["choices"][0]["message"]["content"] == "echo: zip"
+
+
+# -- failover and key health -----------------------------------------------------------------
+
+
+async def test_rate_limited_key_is_skipped_then_rested_until_retry_after(pool: Pool):
+    bad, good = pool.keys
+    pool.up.fail(bad, "429", times=1, retry_after=1)
+    client = pool.client()
+    for _ in range(6):
+        reply = await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
+        assert reply.choices[0].message.content == "echo: hello there"
+    assert pool.served_by(bad) == 1  # tried once, then left alone while cooling
+    _, data = await pool.alice.call("GET", "/api/keys")
+    states = {k["id"]: k for k in data["keys"]}
+    assert states[pool.key_ids[0]]["status"] == "cooling"
+    assert states[pool.key_ids[0]]["cooldown_until"] is not None
+    await asyncio.sleep(1.1)
+    for _ in range(10):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
+    assert pool.served_by(bad) > 1  # back in rotation after Retry-After
+
+
+async def test_401_marks_the_key_invalid_and_redacts_it(pool: Pool):
+    bad = pool.keys[0]
+    pool.up.revoke(bad)  # the fake echoes the key in its error message, as OpenAI does
+    client = pool.client()
+    for _ in range(4):
+        await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
+    assert pool.served_by(bad) == 1
+    _, data = await pool.alice.call("GET", "/api/keys")
+    entry = next(k for k in data["keys"] if k["id"] == pool.key_ids[0])
+    assert entry["status"] == "invalid"
+    assert entry["last_error"] and bad not in entry["last_error"]
+
+
+async def test_400_is_returned_verbatim_without_failover(pool: Pool):
+    key = pool.keys[0]
+    for k in pool.keys:
+        pool.up.fail(k, "400", times=1, message="bad temperature", param="temperature")
+    with pytest.raises(openai.BadRequestError) as caught:
+        await pool.client().chat.completions.create(model="gpt-4o-mini", messages=messages())
+    assert caught.value.body["param"] == "temperature"  # type: ignore[index]
+    assert "bad temperature" in caught.value.message
+    assert sum(pool.served_by(k) for k in pool.keys) == 1
+    _, data = await pool.alice.call("GET", "/api/keys")
+    assert all(k["status"] == "active" for k in data["keys"]), key
+
+
+async def test_every_key_cooling_gives_rate_limit_error_with_retry_after(pool: Pool):
+    for key in pool.keys:
+        pool.up.fail(key, "429", retry_after=30)
+    client = pool.client()
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
+    assert int(caught.value.response.headers["retry-after"]) >= 29
+    # Now nothing is sent upstream at all until a key recovers.
+    before = len(pool.up.requests)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
+    assert len(pool.up.requests) == before
+    assert "cooling down" in caught.value.message
+
+
+@pytest.mark.parametrize("mode", ["hang", "reset", "500", "503"])
+async def test_broken_upstream_fails_over_to_a_healthy_key(start_server, http, mode):
+    async with start_server(upstream={"read_timeout": 0.5}) as server:
+        async for p in make_pool(server, http, models=["gpt-4o-mini"]):
+            for key in p.keys[:1]:
+                p.up.fail(key, mode)
+            for _ in range(4):
+                reply = await p.client().chat.completions.create(
+                    model="gpt-4o-mini", messages=messages()
+                )
+                assert reply.choices[0].message.content == "echo: hello there"
+
+
+async def test_all_keys_broken_gives_502_without_upstream_details(start_server, http):
+    async with start_server(upstream={"read_timeout": 0.5}) as server:
+        async for p in make_pool(server, http, models=["gpt-4o-mini"]):
+            p.up.fail(p.keys[0], "502", html=True)
+            p.up.fail(p.keys[1], "reset")
+            with pytest.raises(openai.InternalServerError) as caught:
+                await p.client().chat.completions.create(model="gpt-4o-mini",
+                                                         messages=messages())
+            assert caught.value.status_code == 502
+            text = caught.value.message
+            assert "<html" not in text.lower() and "127.0.0.1" not in text
+            assert all(k not in text for k in p.keys)
+
+
+async def test_upstream_dying_mid_stream_raises_api_error(pool: Pool):
+    for key in pool.keys:
+        pool.up.fail(key, "die_midstream", after_chunks=2)
+    stream = await pool.client().chat.completions.create(
+        model="gpt-4o-mini", messages=messages(), stream=True
+    )
+    received = []
+    with pytest.raises(openai.APIError):
+        async for chunk in stream:
+            received.append(chunk)
+    assert len(received) == 2  # what arrived before the break, and no retry after it
+
+
+async def test_caller_leaving_mid_stream_releases_the_upstream(pool: Pool, http):
+    pool.up.stream_chunks = 200
+    pool.up.chunk_delay = 0.05
+    body = {"model": "gpt-4o-mini", "messages": messages(), "stream": True}
+    resp = await http.post(pool.server.proxy_url + "/chat/completions", json=body,
+                           headers=pool.alice.auth)
+    await resp.content.readline()
+    assert pool.up.inflight == 1
+    resp.close()  # the caller hangs up
+    async with asyncio.timeout(1):
+        await pool.up.wait_idle()
+    assert pool.up.disconnects == 1
+
+
+async def test_websocket_is_relayed_both_ways(pool: Pool, http):
+    url = pool.server.proxy_url.replace("http", "ws") + "/realtime?model=gpt-4o-realtime-preview"
+    async with http.ws_connect(url, headers=pool.alice.auth) as ws:
+        await ws.send_str('{"type": "session.update"}')
+        message = await ws.receive_json(timeout=5)
+        assert message["type"] == "echo"
+        await ws.send_bytes(b"\x00\x01binary")
+        assert (await ws.receive(timeout=5)).data == b"\x00\x01binary"
+    seen = [r for r in pool.up.requests if r.path == "/v1/realtime"]
+    assert seen and seen[-1].key in pool.keys
+
+
+# -- the proxy's own errors, as the SDK sees them --------------------------------------------
+
+
+async def test_proxy_errors_map_to_sdk_exception_classes(start_server, http):
+    async with start_server(proxy={"max_body_mb": 1}) as server:
+        async for p in make_pool(server, http, models=["gpt-4o-mini"]):
+            with pytest.raises(openai.AuthenticationError) as auth:
+                await p.client(token="ap-not-a-real-token").models.list()
+            assert auth.value.code == "invalid_api_key"
+            with pytest.raises(openai.NotFoundError) as missing:
+                await p.client().chat.completions.create(model="gpt-9", messages=messages())
+            assert missing.value.code == "model_not_found"
+            with pytest.raises(openai.APIStatusError) as big:
+                await p.client().chat.completions.create(
+                    model="gpt-4o-mini", messages=messages("x" * (2 * 1024 * 1024))
+                )
+            assert big.value.status_code == 413
+            for key in p.keys:
+                p.up.fail(key, "429", retry_after=20)
+            with pytest.raises(openai.RateLimitError):
+                await p.client().chat.completions.create(model="gpt-4o-mini",
+                                                         messages=messages())
+            for key in p.keys:
+                p.up.heal(key)
+                p.up.fail(key, "500")
+    async with start_server() as server:
+        async for p in make_pool(server, http, username="bob", models=["gpt-4o-mini"]):
+            for key in p.keys:
+                p.up.fail(key, "500")
+            with pytest.raises(openai.InternalServerError) as broken:
+                await p.client().chat.completions.create(model="gpt-4o-mini",
+                                                         messages=messages())
+            assert broken.value.status_code == 502
+
+
+async def test_missing_token_and_non_v1_paths(server, http):
+    async with http.get(server.proxy_url + "/models") as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"]["code"] == "invalid_api_key"
+    async with http.get(server.proxy_url.replace("/v1", "/api/keys")) as resp:
+        assert resp.status == 404
+        assert "error" in await resp.json()
+
+
+async def test_malformed_json_body_is_400(pool: Pool, http):
+    async with http.post(pool.server.proxy_url + "/chat/completions", data=b'{"model": ',
+                         headers={**pool.alice.auth, "Content-Type": "application/json"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "invalid_json"
+    assert pool.up.requests_for(pool.keys[0]) == [] or all(
+        r.path != "/v1/chat/completions" for r in pool.up.requests
+    )
+
+
+async def test_logout_takes_effect_on_the_next_proxied_request(pool: Pool):
+    client = pool.client()
+    await client.models.list()
+    await pool.alice.call("POST", "/api/logout")
+    with pytest.raises(openai.AuthenticationError):
+        await client.models.list()
+
+
+async def test_round_robin_spreads_requests(start_server, http):
+    async with start_server(pool={"strategy": "round_robin"}) as server:
+        async for p in make_pool(server, http, n_keys=3, models=["gpt-4o-mini"]):
+            for _ in range(9):
+                await p.client().chat.completions.create(model="gpt-4o-mini",
+                                                         messages=messages())
+            assert [p.served_by(k) for k in p.keys] == [3, 3, 3]
+
+
+async def test_keys_without_models_are_tried_until_upstream_lists_them(start_server, http):
+    async with start_server() as server:
+        async for p in make_pool(server, http, n_keys=1):
+            p.up.set_models(p.keys[0], ["only-this"])
+            await wait_models_known(p)
+            with pytest.raises(openai.NotFoundError):
+                await p.client().chat.completions.create(model="gpt-4o-mini",
+                                                         messages=messages())
+
+
+def _unused(_: aiohttp.ClientSession) -> None:  # keeps the import for type hints
+    pass
