@@ -125,15 +125,6 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     log: LogSettings = field(default_factory=LogSettings)
 
-    @property
-    def proxy_url(self) -> str:
-        if self.proxy.public_url:
-            return self.proxy.public_url.rstrip("/")
-        host = self.proxy.host
-        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - display only
-            host = "localhost"
-        return f"http://{host}:{self.proxy.port}/v1"
-
 
 # Checks beyond the type: (section, key) -> (predicate, what a good value looks like).
 _CHECKS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {

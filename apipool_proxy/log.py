@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import queue
 import re
 import sys
 import threading
@@ -119,14 +121,29 @@ class RedactingFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
-def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
-    """Send the project's loggers (and aiohttp's) to stderr through the redacting formatter."""
+def setup_logging(level: str = "INFO", fmt: str = "text") -> logging.handlers.QueueListener:
+    """Send the project's loggers (and aiohttp's) to stderr through the redacting formatter.
+
+    Records are queued and written by a listener thread, so a slow terminal or pipe never
+    stalls the event loop; stop the returned listener at exit to flush the queue.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(RedactingFormatter(fmt))
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, handler)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
-    root.addHandler(handler)
+    root.addHandler(_QueueHandler(records))
     root.setLevel(level.upper())
-    # aiohttp's own access log duplicates ours and would print raw paths.
+    # aiohttp's own access log duplicates ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    listener.start()
+    return listener
+
+
+class _QueueHandler(logging.handlers.QueueHandler):
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        # The stock handler formats the message here, on the loop; keep the record as is
+        # (its arguments are plain values) and let the listener thread do all formatting.
+        return record

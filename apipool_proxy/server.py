@@ -209,9 +209,11 @@ async def serve(
             cancel_on_disconnect=False,
         )
         services.keys.forbidden_ports.update({proxy_port, admin_port})
+        running = RunningServer(services, proxy_port, admin_port)
+        services.proxy_url = settings.proxy.public_url or running.proxy_url
         services.tasks.spawn("write-behind", services.writer.run())
         services.tasks.spawn("refresh-models", services.keys.refresh_models())
-        yield RunningServer(services, proxy_port, admin_port)
+        yield running
     finally:
         services.draining = True
         for runner in runners:
@@ -268,12 +270,14 @@ def run(config_path: str | None) -> int:
     except ConfigError as exc:
         print(f"Error: configuration: {exc}", file=sys.stderr)
         return 2
-    setup_logging(settings.log.level, settings.log.format)
+    listener = setup_logging(settings.log.level, settings.log.format)
     try:
         _run_loop(_main(settings))
     except StartupError as exc:
+        listener.stop()
         print(f"Error: {exc}", file=sys.stderr)
         return 1
+    listener.stop()
     return 0
 
 

@@ -30,6 +30,8 @@ class Services:
     metrics: Metrics
     tasks: BackgroundTasks
     session: aiohttp.ClientSession
+    # The URL callers use for /v1 (public_url, or the address actually bound).
+    proxy_url: str = ""
     # Set when shutdown begins: new proxied requests are refused while in-flight ones finish.
     draining: bool = False
     in_flight: set[object] = field(default_factory=set)

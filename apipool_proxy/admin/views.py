@@ -351,7 +351,7 @@ async def admin_approve_key(request: web.Request) -> web.Response:
 
 async def info(request: web.Request) -> web.Response:
     services = services_of(request)
-    return web.json_response({"version": __version__, "proxy_url": services.settings.proxy_url})
+    return web.json_response({"version": __version__, "proxy_url": services.proxy_url})
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -18,7 +18,7 @@ from aiohttp import web
 from yarl import URL
 
 from ..errors import ApiError, error_body
-from ..log import redact, upstream_log
+from ..log import REDACTED, redact, upstream_log
 from ..pool import NoKeyAvailable, Outcome, PooledKey, classify_response
 from ..pool.health import RETRYABLE, Verdict
 from ..state import SERVICES, Services
@@ -244,9 +244,13 @@ async def _answer(
     if verdict.outcome in RETRYABLE:
         upstream_log.info("key %d: upstream answered %d; trying another key", key.id, status)
         return f"key {key.id} got {_status_words(status, verdict)}", verdict
-    # The caller's own mistake (400, 404, 422...): relayed verbatim, costs the key nothing.
+    # The caller's own mistake (400, 404, 422...): relayed verbatim, costs the key nothing,
+    # except that an upstream echoing the pooled key must not hand it to the caller.
     exchange.status = status
     headers = caller_response_headers(upstream.headers, exchange.request_id)
+    secret = key.secret.encode()
+    if secret in error:
+        error = error.replace(secret, REDACTED.encode())
     return web.Response(status=status, body=error, headers=headers)
 
 
