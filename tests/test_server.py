@@ -141,3 +141,52 @@ def test_master_key_file_is_private_and_required(tmp_path):
     assert result.returncode == 1
     assert "master key" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_sigterm_lets_an_in_flight_stream_finish(tmp_path):
+    import asyncio
+
+    import aiohttp
+
+    from .fake_upstream import FakeUpstream
+
+    async with FakeUpstream() as up, aiohttp.ClientSession() as http:
+        up.stream_chunks = 10
+        up.chunk_delay = 0.1
+        server = ServerProcess(tmp_path, "upstream: {allow_private_networks: true}\n")
+        await asyncio.to_thread(server.start)
+        try:
+            admin = server.admin_url
+            creds = {"username": "alice", "password": PASSWORD}
+            async with http.post(admin + "/api/register", json=creds) as resp:
+                assert resp.status == 201
+            async with http.post(admin + "/api/login", json=creds) as resp:
+                token = (await resp.json())["token"]
+            auth = {"Authorization": f"Bearer {token}"}
+            key = {"key": "sk-shutdown-key-123", "base_url": up.base_url, "models": ["gpt-4o"]}
+            async with http.post(admin + "/api/keys", json=key, headers=auth) as resp:
+                assert resp.status == 201
+            body = {
+                "model": "gpt-4o",
+                "stream": True,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+            async with http.post(
+                server.proxy_url + "/chat/completions", json=body, headers=auth
+            ) as resp:
+                first = await resp.content.readline()
+                assert first.startswith(b"data: ")
+                server.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+                await asyncio.sleep(0.3)
+                # New connections are refused while the stream goes on...
+                with pytest.raises(aiohttp.ClientConnectionError):
+                    async with aiohttp.ClientSession() as fresh:
+                        await fresh.get(server.proxy_url + "/models", headers=auth)
+                rest = await resp.content.read()
+            # ...and the stream in flight ends properly.
+            assert rest.rstrip().endswith(b"data: [DONE]")
+            assert await asyncio.to_thread(server.proc.wait, 20) == 0  # type: ignore[union-attr]
+        finally:
+            if server.proc is not None and server.proc.poll() is None:
+                server.proc.kill()
+            server.proc = None

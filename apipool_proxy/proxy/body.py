@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -23,8 +24,14 @@ class RequestBody:
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole body, refusing anything over ``limit`` bytes with 413."""
     length = request.content_length
-    if length is not None and length > limit:
-        raise _too_large(limit)
+    if length is not None:
+        if length > limit:
+            raise _too_large(limit)
+        # The common case: a declared length, read in one call.
+        try:
+            return await request.content.readexactly(length) if length else b""
+        except asyncio.IncompleteReadError:
+            raise ApiError(400, "The request body ended early.", code="invalid_body") from None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
