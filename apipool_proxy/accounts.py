@@ -79,6 +79,12 @@ class LoginThrottle:
     def clear(self, subject: str) -> None:
         self._failures.pop(subject, None)
 
+    def forgive(self, subject: str, when: float) -> None:
+        """Take back one failure counted at ``when`` (an attempt that turned out right)."""
+        times = self._failures.get(subject)
+        if times is not None and when in times:
+            times.remove(when)
+
     def _trim(self, subject: str, now: float) -> deque[float] | None:
         times = self._failures.get(subject)
         if times is None:
@@ -180,15 +186,18 @@ class Accounts:
                 code="too_many_logins",
                 headers={"Retry-After": str(wait)},
             )
+        # Count the attempt as failed before the slow password check, so that attempts sent
+        # in parallel all see each other; a right password takes it back below.
+        self.throttle.fail(subjects, now)
         row = await self.db.user_by_name(username) if USERNAME_RE.fullmatch(username) else None
         stored = row["password_hash"] if row else None
         ok = await crypto.check_password(password[:300], stored, self.settings.bcrypt_rounds)
         user = self.users.get(row["id"]) if (ok and row) else None
         if user is None or user.disabled:
-            self.throttle.fail(subjects, now)
             admin_log.info("failed login from %s", client)
             raise ApiError(401, "Invalid username or password.", code="invalid_credentials")
         self.throttle.clear(subjects[0])
+        self.throttle.forgive(subjects[1], now)
         ttl = self.settings.session_ttl_hours * 3600
         return await self._issue(user, "session", None, now + ttl)
 

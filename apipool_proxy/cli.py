@@ -292,12 +292,12 @@ def _revoke_token(args: argparse.Namespace) -> int:
 def _usage(args: argparse.Namespace) -> int:
     client = _logged_in_client(args)
     report = client.usage(since=args.since, until=args.until, group_by=args.group_by)
-    _print_lines(_usage_table(report.get("rows") or []))
+    _print_lines(_usage_table(report.get("rows") or [], args.group_by))
     contributed = report.get("contributed") or []
     if contributed:
         print()
         print("Used from your keys by others:")
-        _print_lines(_usage_table(contributed))
+        _print_lines(_usage_table(contributed, args.group_by))
     return 0
 
 
@@ -371,13 +371,20 @@ def _token_line(token: dict[str, Any]) -> str:
     return "- " + "  ".join(f"{k}={v}" for k, v in fields.items())
 
 
-def _usage_table(rows: list[dict[str, Any]]) -> list[str]:
-    """Format usage rows as aligned columns: the group on the left, counts on the right."""
-    header = [title for title, _ in _USAGE_COLUMNS]
+def _usage_table(rows: list[dict[str, Any]], group_by: str = "group") -> list[str]:
+    """Format usage rows as aligned columns: the group on the left, counts on the right,
+    and a total line under several rows."""
+    header = [group_by, *(title for title, _ in _USAGE_COLUMNS[1:])]
     cells = [[_cell(row.get(field)) for _, field in _USAGE_COLUMNS] for row in rows]
+    if len(rows) > 1:
+        sums = [sum(row.get(field) or 0 for row in rows) for _, field in _USAGE_COLUMNS[1:]]
+        cells.append(["total", *(str(n) for n in sums)])
     widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
-    table = [_table_row(header, widths), _table_row(["-" * w for w in widths], widths)]
-    return table + ([_table_row(line, widths) for line in cells] or ["(none)"])
+    rule = _table_row(["-" * w for w in widths], widths)
+    lines = [_table_row(line, widths) for line in cells]
+    if len(rows) > 1:
+        lines.insert(-1, rule)
+    return [_table_row(header, widths), rule, *(lines or ["(none)"])]
 
 
 def _table_row(cells: list[str], widths: list[int]) -> str:

@@ -57,22 +57,17 @@ class Limiter:
         """Count a request start, or raise 429 with Retry-After when a limit is reached."""
         counters = self._get(user_id, now)
         self._trim(counters, now)
-        if limits.max_concurrent is not None and counters.in_flight >= limits.max_concurrent:
-            raise _limited(
-                f"You have {counters.in_flight} requests in flight, your limit is"
-                f" {limits.max_concurrent}.",
-                1,
-            )
-        if limits.rpm is not None and len(counters.starts) >= limits.rpm:
-            wait = counters.starts[0] + WINDOW - now
-            raise _limited(f"Rate limit reached: {limits.rpm} requests per minute.", wait)
-        if limits.tpm is not None and counters.tokens_in_window >= limits.tpm:
-            wait = counters.tokens[0][0] + WINDOW - now if counters.tokens else 1
-            raise _limited(f"Rate limit reached: {limits.tpm} tokens per minute.", wait)
-        if limits.daily_tokens is not None and counters.tokens_today >= limits.daily_tokens:
-            wait = (counters.day + 1) * DAY - now
-            raise _limited(
-                f"Daily token limit reached: {limits.daily_tokens} tokens per day (UTC).", wait
+        refusal = _refusal(counters, limits, now)
+        if refusal is not None:
+            message, wait = refusal
+            seconds = max(1, math.ceil(wait))
+            headers = {"Retry-After": str(seconds), **self.headers(counters, limits, now)}
+            raise ApiError(
+                429,
+                f"{message} Try again in {seconds} s.",
+                code="rate_limit_exceeded",
+                type="requests",
+                headers=headers,
             )
         counters.starts.append(now)
         counters.in_flight += 1
@@ -129,15 +124,24 @@ class Limiter:
             counters.tokens_today = 0
 
 
-def _limited(message: str, wait: float) -> ApiError:
-    seconds = max(1, math.ceil(wait))
-    return ApiError(
-        429,
-        f"{message} Try again in {seconds} s.",
-        code="rate_limit_exceeded",
-        type="requests",
-        headers={"Retry-After": str(seconds)},
-    )
+def _refusal(counters: UserCounters, limits: Limits, now: float) -> tuple[str, float] | None:
+    """Why a new request must wait, and for how many seconds; None when it may start."""
+    if limits.max_concurrent is not None and counters.in_flight >= limits.max_concurrent:
+        return (
+            f"You have {counters.in_flight} requests in flight, your limit is"
+            f" {limits.max_concurrent}.",
+            1,
+        )
+    if limits.rpm is not None and len(counters.starts) >= limits.rpm:
+        wait = counters.starts[0] + WINDOW - now
+        return f"Rate limit reached: {limits.rpm} requests per minute.", wait
+    if limits.tpm is not None and counters.tokens_in_window >= limits.tpm:
+        wait = counters.tokens[0][0] + WINDOW - now if counters.tokens else 1
+        return f"Rate limit reached: {limits.tpm} tokens per minute.", wait
+    if limits.daily_tokens is not None and counters.tokens_today >= limits.daily_tokens:
+        wait = (counters.day + 1) * DAY - now
+        return f"Daily token limit reached: {limits.daily_tokens} tokens per day (UTC).", wait
+    return None
 
 
 def _duration(seconds: float) -> str:

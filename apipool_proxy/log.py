@@ -34,6 +34,7 @@ _SECRET_SHAPES = re.compile(
     r"|gsk_[A-Za-z0-9]{8,}"
     r"|nvapi-[A-Za-z0-9_-]{8,}"
     r"|AIza[A-Za-z0-9_-]{20,}"
+    r"|\$2[aby]?\$[0-9]{2}\$[./A-Za-z0-9]{53}"  # a bcrypt password hash
     r"|(?<=Bearer )[^\s\"',]{8,})"
 )
 
@@ -138,6 +139,9 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> logging.handlers.Qu
     root.setLevel(level.upper())
     # aiohttp's own access log duplicates ours.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # At DEBUG aiosqlite logs every statement with its parameters: password hashes, token
+    # hashes, encrypted keys. The project's storage logger reports what an operator needs.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
     listener.start()
     return listener
 

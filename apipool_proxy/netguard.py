@@ -38,6 +38,7 @@ __all__ = (
     "check_upstream_host",
     "is_public_address",
     "normalize_base_url",
+    "refuse_redirected_upgrades",
 )
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -181,7 +182,9 @@ def _parse_address(text: str) -> IPAddress | None:
 @dataclass(frozen=True)
 class _AddressPolicy:
     allow_private_networks: bool
-    forbidden_ports: frozenset[int]
+    # Held by reference, not copied: a server told to listen on port 0 learns its real
+    # ports only after the upstream session exists, and adds them to this same set.
+    forbidden_ports: AbstractSet[int]
 
     def refusal(self, ip: IPAddress, port: int) -> str | None:
         """Why dialling ``ip`` on ``port`` is refused, or None when it is allowed."""
@@ -348,6 +351,10 @@ def _to_ascii(text: str) -> str:
         raise UnsafeUpstreamError("base URL must include a host")
     if text.isascii():
         return text.lower()
+    # No host name is longer than 253 characters, and idna versions before 3.15 spend
+    # minutes on some long crafted inputs (CVE-2024-3651, CVE-2026-45409).
+    if len(text) > 253:
+        raise UnsafeUpstreamError("base URL has an invalid host name")
     # UTS 46 mapping as yarl does, so "ＡＰＩ.example" or "１２７.０.０.１" is judged by the
     # ASCII name that is finally connected to.
     try:
@@ -429,7 +436,7 @@ async def check_upstream_host(
     rules on every connect, because DNS may answer differently later.
     """
     upstream = _parse_base_url(url, allow_private_networks=allow_private_networks)
-    policy = _AddressPolicy(allow_private_networks, frozenset(forbidden_ports))
+    policy = _AddressPolicy(allow_private_networks, forbidden_ports)
     if upstream.ip is not None:
         addresses = [upstream.ip]
     else:
@@ -475,7 +482,7 @@ class GuardedResolver(AbstractResolver):
         forbidden_ports: AbstractSet[int] = frozenset(),
         inner: AbstractResolver | None = None,
     ) -> None:
-        self._policy = _AddressPolicy(allow_private_networks, frozenset(forbidden_ports))
+        self._policy = _AddressPolicy(allow_private_networks, forbidden_ports)
         self._inner = inner
 
     async def resolve(
@@ -527,7 +534,7 @@ class GuardedConnector(aiohttp.TCPConnector):
     ) -> None:
         if "socket_factory" in kwargs:
             raise TypeError("GuardedConnector installs its own socket_factory")
-        policy = _AddressPolicy(allow_private_networks, frozenset(forbidden_ports))
+        policy = _AddressPolicy(allow_private_networks, forbidden_ports)
         self._guarded_resolver = GuardedResolver(
             allow_private_networks=allow_private_networks,
             forbidden_ports=forbidden_ports,
@@ -552,3 +559,31 @@ class GuardedConnector(aiohttp.TCPConnector):
     async def close(self, *, abort_ssl: bool = False) -> None:
         await super().close(abort_ssl=abort_ssl)
         await self._guarded_resolver.close()
+
+
+# --- Redirects ---------------------------------------------------------------------------
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+
+
+async def refuse_redirected_upgrades(
+    request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+) -> aiohttp.ClientResponse:
+    """Client middleware: a WebSocket upgrade answered with a redirect fails, unfollowed.
+
+    Plain requests are sent with ``allow_redirects=False``, but ``ClientSession.ws_connect``
+    has no such option and follows redirects, which may point anywhere the guard allows: an
+    upstream could bounce the proxy to any other public host, or any private one when private
+    networks are allowed.
+    """
+    response = await handler(request)
+    upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    if upgrade and response.status in _REDIRECTS:
+        response.release()
+        raise aiohttp.ClientResponseError(
+            response.request_info,
+            response.history,
+            status=response.status,
+            message="upstream guard: a WebSocket upgrade was redirected",
+        )
+    return response

@@ -28,7 +28,8 @@ from .crypto import MasterKeyError, load_master_key
 from .limits import Limiter, today_start
 from .log import server_log, setup_logging
 from .metrics import Metrics
-from .pool import KeyPool
+from .objects import ObjectRegistry, saver
+from .pool import KeyPool, KeyStatus
 from .proxy import build_proxy_app
 from .state import Services
 from .storage import Database, StorageError
@@ -95,6 +96,8 @@ async def _load(settings: Settings, db: Database, master_key: bytes) -> Services
     now = time.time()
     for row in await db.tokens_since(today_start(now)):
         limiter.seed_today(row["user_id"], row["tokens"] or 0, now)
+    objects = ObjectRegistry()
+    objects.load(await db.all_objects())
     writer = WriteBehind(db)
     services = Services(
         settings=settings,
@@ -107,9 +110,11 @@ async def _load(settings: Settings, db: Database, master_key: bytes) -> Services
         metrics=Metrics(),
         tasks=BackgroundTasks(),
         session=_upstream_session(settings, forbidden_ports),
+        objects=objects,
     )
     keys.session = services.session
     writer.add_source(keys.save_health)
+    writer.add_source(saver(objects, db))
     writer.add_source(lambda: _touch_tokens(services))
     _watch_gauges(services)
     return services
@@ -144,6 +149,7 @@ def _upstream_session(settings: Settings, forbidden_ports: set[int]) -> aiohttp.
         trust_env=False,
         auto_decompress=True,
         skip_auto_headers=("User-Agent",),
+        middlewares=(netguard.refuse_redirected_upgrades,),
     )
 
 
@@ -155,10 +161,10 @@ def _touch_tokens(services: Services) -> object:
 def _watch_gauges(services: Services) -> None:
     def keys_by_status() -> dict[str, float]:
         now = time.time()
-        counts: dict[str, float] = {}
+        # Every status, zeros included, so an alert on "invalid > 0" sees the series exist.
+        counts = {status.value: 0.0 for status in KeyStatus}
         for key in services.pool:
-            status = key.effective_status(now).value
-            counts[status] = counts.get(status, 0) + 1
+            counts[key.effective_status(now).value] += 1
         return counts
 
     services.metrics.watch(

@@ -11,6 +11,7 @@ from .accounts import Accounts
 from .config import Settings
 from .limits import Limiter
 from .metrics import Metrics
+from .objects import ObjectRegistry
 from .pool import KeyPool
 from .storage import Database
 from .tasks import BackgroundTasks
@@ -30,6 +31,8 @@ class Services:
     metrics: Metrics
     tasks: BackgroundTasks
     session: aiohttp.ClientSession
+    # Which key and member hold each object created through the pool (files, batches...).
+    objects: ObjectRegistry = field(default_factory=ObjectRegistry)
     # The URL callers use for /v1 (public_url, or the address actually bound).
     proxy_url: str = ""
     # Set when shutdown begins: new proxied requests are refused while in-flight ones finish.

@@ -67,7 +67,9 @@ class WriteBehind:
         self._usage: list[tuple[Any, ...]] = []
         # Extra sources polled on every flush: each returns a coroutine or None.
         self._sources: list[Callable[[], Any]] = []
-        self._wake = asyncio.Event()
+        # One flush at a time: the final flush at shutdown waits for a batch in progress.
+        self._lock = asyncio.Lock()
+        self._batch: asyncio.Future[None] | None = None
         self.written = 0
 
     def record(self, usage: UsageRecord) -> None:
@@ -86,12 +88,23 @@ class WriteBehind:
         """The background loop; cancelled at shutdown, after which :meth:`flush` runs once."""
         while True:
             await asyncio.sleep(FLUSH_INTERVAL)
-            try:
-                await self.flush()
-            except Exception:
-                storage_log.exception("writing usage and state failed; will retry")
+            # Shielded: a cancel must not land between a batch's insert, which the database
+            # thread finishes regardless, and its bookkeeping here, or the final flush would
+            # write the batch a second time.
+            self._batch = asyncio.ensure_future(self._flush_logged())
+            await asyncio.shield(self._batch)
+
+    async def _flush_logged(self) -> None:
+        try:
+            await self.flush()
+        except Exception:
+            storage_log.exception("writing usage and state failed; will retry")
 
     async def flush(self) -> None:
+        async with self._lock:
+            await self._write_pending()
+
+    async def _write_pending(self) -> None:
         rows, self._usage = self._usage, []
         if rows:
             try:

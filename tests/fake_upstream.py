@@ -9,9 +9,10 @@ Usage::
         assert up.requests[-1].key == "sk-a"
 
 Every distinct bearer key is its own upstream account with its own stores (files, batches,
-responses), so an object created with one key is a 404 for another, as on OpenAI. Faults are
-scripted per key with ``fail()``; every response carries ``x-fake-key-id`` (``key_id(key)``,
-never the key) and ``x-upstream-port`` so tests can tell which key and upstream served it.
+responses, fine-tuning jobs), so an object created with one key is a 404 for another, as on
+OpenAI. Faults are scripted per key with ``fail()``; every response carries ``x-fake-key-id``
+(``key_id(key)``, never the key) and ``x-upstream-port`` so tests can tell which key and
+upstream served it.
 
 Replies are deterministic: chat, legacy completions and responses answer ``"echo: <last user
 text>"``; prompt tokens are whitespace-separated words of the input, completion tokens equal
@@ -176,6 +177,7 @@ class Account:
     file_contents: dict[str, bytes] = field(default_factory=dict)
     batches: dict[str, Json] = field(default_factory=dict)
     responses: dict[str, Json] = field(default_factory=dict)
+    fine_tuning_jobs: dict[str, Json] = field(default_factory=dict)
 
 
 class ApiError(Exception):
@@ -508,6 +510,27 @@ def _file_object(part: FormPart, purpose: str) -> Json:
     }
 
 
+def _fine_tuning_job(body: Json, model: str) -> Json:
+    return {
+        "id": _new_id("ftjob-"),
+        "object": "fine_tuning.job",
+        "model": model,
+        "created_at": int(time.time()),
+        "finished_at": None,
+        "fine_tuned_model": None,
+        "organization_id": "org-fake",
+        "result_files": [],
+        "status": "queued",
+        "validation_file": body.get("validation_file"),
+        "training_file": body["training_file"],
+        "hyperparameters": {"n_epochs": "auto", "batch_size": "auto"},
+        "trained_tokens": None,
+        "error": None,
+        "seed": 42,
+        "metadata": body.get("metadata"),
+    }
+
+
 def _batch_object(body: Json) -> Json:
     now = int(time.time())
     timestamps = ("in_progress_at", "finalizing_at", "completed_at", "failed_at")
@@ -724,6 +747,15 @@ class FakeUpstream:
         batch.update(status="completed", output_file_id=file["id"], completed_at=now)
         return file["id"]
 
+    def finish_fine_tune(self, key: str, job_id: str) -> str:
+        """Mark a fine-tuning job succeeded; its model joins the key's models. Returns it."""
+        account = self.account(key)
+        job = account.fine_tuning_jobs[job_id]
+        model = f"ft:{job['model']}:fake::{job_id[-8:]}"
+        job.update(status="succeeded", fine_tuned_model=model, finished_at=int(time.time()))
+        account.models.append(model)
+        return model
+
     def requests_for(self, key: str | None) -> list[Recorded]:
         return [recorded for recorded in self.requests if recorded.key == key]
 
@@ -764,6 +796,9 @@ class FakeUpstream:
             web.post("/v1/responses", self._create_response),
             web.get("/v1/responses/{response_id}", self._get_response),
             web.delete("/v1/responses/{response_id}", self._delete_response),
+            web.post("/v1/fine_tuning/jobs", self._create_fine_tuning_job),
+            web.get("/v1/fine_tuning/jobs", self._list_fine_tuning_jobs),
+            web.get("/v1/fine_tuning/jobs/{job_id}", self._get_fine_tuning_job),
             web.get("/v1/realtime", self._realtime),
             # Last, so a known path with the wrong method also lands here, as on OpenAI.
             web.route("*", "/{tail:.*}", self._unknown_url),
@@ -1188,6 +1223,31 @@ class FakeUpstream:
         if batch is None:
             raise ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
         return batch
+
+    # -- fine-tuning ---------------------------------------------------------------------------
+
+    async def _create_fine_tuning_job(self, request: web.Request) -> web.StreamResponse:
+        body = await _json_body(request)
+        model = self._require_model(request, body)
+        account = self._account_of(request)
+        for name in ("training_file", "validation_file"):
+            file_id = body.get(name)
+            if (name == "training_file" or file_id is not None) and file_id not in account.files:
+                raise ApiError(400, f"invalid {name}: {file_id}", param=name)
+        job = _fine_tuning_job(body, model)
+        account.fine_tuning_jobs[job["id"]] = job
+        return self._json(job)
+
+    async def _list_fine_tuning_jobs(self, request: web.Request) -> web.StreamResponse:
+        jobs = list(self._account_of(request).fine_tuning_jobs.values())
+        return self._json(_page(jobs, request.query, default_limit=20))
+
+    async def _get_fine_tuning_job(self, request: web.Request) -> web.StreamResponse:
+        job_id = request.match_info["job_id"]
+        job = self._account_of(request).fine_tuning_jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"Could not find fine tune: {job_id}", param="id")
+        return self._json(job)
 
     # -- responses -----------------------------------------------------------------------------
 

@@ -42,8 +42,9 @@ async def usage_report(services: Services, user: User, query: Mapping[str, str])
         "group_by": group_by,
         "scope": "everyone" if everyone else "own",
         "rows": _aggregate(own, group_by, names),
-        # Other members' use of the caller's keys: totals only, never who, unless admin.
-        "contributed": _aggregate(others, group_by if group_by != "user" else "day", names),
+        # Other members' use of the caller's keys: totals only, never who; only an admin
+        # may group by user (checked above).
+        "contributed": _aggregate(others, group_by, names),
     }
 
 

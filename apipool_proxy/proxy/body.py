@@ -100,3 +100,19 @@ def _multipart_model(raw: bytes) -> str | None:
         return match.group(1).decode("utf-8") or None
     except UnicodeDecodeError:
         return None
+
+
+# A simple form field: a part without a filename whose value is one short line.
+_FORM_FIELD = re.compile(
+    rb'Content-Disposition:[ \t]*form-data;[ \t]*name="?([^";\r\n]{1,100})"?'
+    rb"(?![^\r\n]*filename)[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,512})\r\n",
+    re.IGNORECASE,
+)
+
+
+def multipart_fields(raw: bytes) -> list[tuple[str, str]]:
+    """(name, value) of the short text fields of a multipart form, file parts skipped."""
+    return [
+        (name.decode("utf-8", "replace"), value.decode("utf-8", "replace"))
+        for name, value in _FORM_FIELD.findall(raw)
+    ]

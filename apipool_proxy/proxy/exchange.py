@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
 
 from ..accounts import Principal
 from ..log import access_log
 from ..pool import PooledKey
 from ..usage import UsageRecord
 from .sse import TokenCounts
+
+if TYPE_CHECKING:
+    from .sticky import AnswerWatch
 
 # Second path segments that name an operation rather than an object id, so that
 # "/audio/speech" is an endpoint while "/files/file-abc" is "/files".
@@ -30,6 +36,37 @@ _OPERATIONS = frozenset(
 )
 
 
+# First path segments of the OpenAI API; anything else is counted as "other" in metrics, so
+# a caller inventing paths cannot grow the label set without bound.
+_API_ROOTS = frozenset(
+    {
+        "assistants",
+        "audio",
+        "batches",
+        "chat",
+        "completions",
+        "containers",
+        "conversations",
+        "embeddings",
+        "evals",
+        "files",
+        "fine_tuning",
+        "images",
+        "models",
+        "moderations",
+        "realtime",
+        "responses",
+        "threads",
+        "uploads",
+        "vector_stores",
+        "videos",
+    }
+)
+
+
+MAX_MODEL_CHARS = 256
+
+
 def new_request_id() -> str:
     return "req_" + os.urandom(12).hex()
 
@@ -42,6 +79,12 @@ def endpoint_of(path: str) -> str:
     if len(parts) > 2 and parts[2] in _OPERATIONS:
         return f"/{parts[1]}/{parts[2]}"
     return "/" + parts[1]
+
+
+def metric_endpoint(endpoint: str) -> str:
+    """The endpoint as a metrics label: known API paths as they are, the rest "other"."""
+    root = endpoint.split("/", 2)[1] if endpoint.startswith("/") else ""
+    return endpoint if root in _API_ROOTS else "other"
 
 
 @dataclass(slots=True)
@@ -60,6 +103,10 @@ class Exchange:
     tokens: TokenCounts | None = None
     upstream_started: float | None = None
     upstream_headers_at: float | None = None
+    # Set when the answer may create or delete an object on the upstream account.
+    watch: AnswerWatch | None = None
+    # The caller's x-ratelimit-* headers, set on admission and sent with the response.
+    rate_headers: dict[str, str] = field(default_factory=dict)
 
     def usage_record(self) -> UsageRecord:
         now = time.perf_counter()
@@ -72,7 +119,8 @@ class Exchange:
             token_id=self.principal.token.id,
             key_id=self.key.id if self.key else None,
             key_owner_id=self.key.owner_id if self.key else None,
-            model=self.model,
+            # Longer names exist nowhere (key model lists stop at 256); a row stays small.
+            model=self.model[:MAX_MODEL_CHARS] if self.model else None,
             endpoint=self.endpoint,
             status=self.status,
             attempts=self.attempts,
@@ -85,6 +133,7 @@ class Exchange:
             request_id=self.request_id,
         )
 
+    # TODO(forward._record no longer calls it): remove; proxy/access.py writes the line.
     def log(self, record: UsageRecord) -> None:
         access_log.info(
             "%s %s %d user=%d key=%s model=%s attempts=%d latency_ms=%.1f",
@@ -112,3 +161,20 @@ class Exchange:
                 }
             },
         )
+
+
+EXCHANGE = web.RequestKey("apipool_exchange", Exchange)
+
+
+def open_exchange(request: web.Request, principal: Principal) -> Exchange:
+    """Start the record of an authenticated /v1 request; the access log reads it at the end."""
+    exchange = Exchange(
+        request_id=new_request_id(),
+        principal=principal,
+        method=request.method,
+        path=request.path,
+        endpoint=endpoint_of(request.path),
+        started=time.perf_counter(),
+    )
+    request[EXCHANGE] = exchange
+    return exchange

@@ -18,14 +18,16 @@ from aiohttp import web
 from yarl import URL
 
 from ..errors import ApiError, error_body
+from ..limits import UserCounters
 from ..log import REDACTED, redact, upstream_log
 from ..pool import NoKeyAvailable, Outcome, PooledKey, classify_response
 from ..pool.health import RETRYABLE, Verdict
 from ..state import SERVICES, Services
+from . import sticky
 from .body import RequestBody, inspect_body, read_body
-from .exchange import Exchange, endpoint_of, new_request_id
+from .exchange import Exchange, open_exchange
 from .headers import caller_response_headers, upstream_request_headers
-from .sse import UsageTap, usage_from
+from .sse import JsonTap, UsageTap, usage_from
 
 # Answers up to this size without a streaming content type are read whole and sent in one
 # write; anything else is relayed chunk by chunk as it arrives.
@@ -61,8 +63,8 @@ def authenticate(request: web.Request, services: Services) -> Any:
 
 async def handle(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
-    started = time.perf_counter()
     principal = authenticate(request, services)
+    exchange = open_exchange(request, principal)
     if services.draining:
         raise ApiError(503, "The proxy is shutting down; retry shortly.", code="shutting_down")
     if request.headers.get("Upgrade", "").lower() == "websocket":
@@ -70,14 +72,6 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
         return await relay_websocket(request, services, principal)
 
-    exchange = Exchange(
-        request_id=new_request_id(),
-        principal=principal,
-        method=request.method,
-        path=request.path,
-        endpoint=endpoint_of(request.path),
-        started=started,
-    )
     raw = await read_body(request, services.settings.proxy.max_body_mb * 1024 * 1024)
     body = inspect_body(request.content_type, raw)
     exchange.model, exchange.stream = body.model, body.stream
@@ -90,34 +84,29 @@ async def _serve(
     user = exchange.principal.user
     limiter = services.limiter
     limits = limiter.limits_for(user.limits)
-    counters = limiter.admit(user.id, limits, time.time())
+    counters: UserCounters | None = None
     services.metrics.in_flight.inc()
     try:
-        response = await _forward(request, services, exchange, body)
-        response.headers.update(limiter.headers(counters, limits, time.time()))
-        return response
+        now = time.time()
+        counters = limiter.admit(user.id, limits, now)
+        # Sent when the response headers go out (proxy/access.py), so before a stream's
+        # first byte; a refusal by the limiter carries its own.
+        exchange.rate_headers = limiter.headers(counters, limits, now)
+        return await _forward(request, services, exchange, body)
     except ApiError as exc:
         exchange.status = exc.status
-        exc.headers.update(limiter.headers(counters, limits, time.time()))
-        exc.headers["x-request-id"] = exchange.request_id
         raise
     except asyncio.CancelledError:
         exchange.status = 499  # the caller went away
         raise
     finally:
         services.metrics.in_flight.dec()
-        tokens = exchange.tokens.total if exchange.tokens else None
-        limiter.finish(counters, tokens, time.time())
-        _record(services, exchange)
-
-
-def _record(services: Services, exchange: Exchange) -> None:
-    record = exchange.usage_record()
-    services.writer.record(record)
-    if services.settings.log.access_log:
-        exchange.log(record)
-    model = exchange.model if exchange.model in services.pool.known_models else "other"
-    services.metrics.requests.labels(exchange.endpoint, model, str(exchange.status)).inc()
+        if counters is not None:
+            tokens = exchange.tokens.total if exchange.tokens else None
+            limiter.finish(counters, tokens, time.time())
+        # Refused requests get a row too, so members and admins see limits being hit. The
+        # access line and the request count are written by proxy/access.py.
+        services.writer.record(exchange.usage_record())
 
 
 async def _forward(
@@ -134,24 +123,33 @@ async def _forward(
             code="contribution_required",
         )
 
+    listing = sticky.listing_of(request)
+    if listing is not None:
+        return await sticky.list_objects(request, services, exchange, listing)
+    # A request about a recorded object goes to the key that holds it, and no other.
+    pinned = sticky.pinned_key(services, exchange, request, body)
+    attempts = 1 if pinned is not None else settings.upstream.max_attempts
+
     tried: set[int] = set()
     failures: list[str] = []
     verdicts: list[Verdict] = []
-    for attempt in range(settings.upstream.max_attempts):
+    for attempt in range(attempts):
         try:
-            key = pool.choose(exchange.model, user_id, tried, time.time())
+            key = pinned or pool.choose(exchange.model, user_id, tried, time.time())
         except NoKeyAvailable as exc:
             if not failures:
                 raise _no_key_error(exc) from None
             break
+        if attempt:
+            services.metrics.failovers.inc()  # moving on from a key that failed
         tried.add(key.id)
-        last_attempt = attempt + 1 == settings.upstream.max_attempts
+        last_attempt = attempt + 1 == attempts
         response = await _attempt(request, services, exchange, body, key, last_attempt)
         if isinstance(response, web.StreamResponse):
+            await sticky.after_response(services, exchange)
             return response
         failures.append(response[0])
         verdicts.append(response[1])
-        services.metrics.failovers.inc()
     raise _all_failed(exchange, failures, verdicts, pool, tried)
 
 
@@ -373,6 +371,8 @@ async def _relay(
         data = await upstream.read()
         if b'"usage"' in data and content_type.startswith("application/json"):
             exchange.tokens = _usage_of(data)
+        if exchange.watch is not None:
+            exchange.watch.feed(data)
         exchange.upstream_headers_at = time.perf_counter()
         return web.Response(status=upstream.status, body=data, headers=headers)
     return await _relay_stream(request, exchange, upstream, headers, is_sse, injected)
@@ -395,9 +395,17 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
-    tap = UsageTap(drop_usage_chunk=injected) if is_sse else None
+    watch = exchange.watch
+    tap = UsageTap(injected, keep_first_event=watch is not None) if is_sse else None
+    # A JSON answer without a Content-Length (sent chunked) still reports its usage.
+    is_json = upstream.headers.get("Content-Type", "").startswith("application/json")
+    json_tap = JsonTap(BUFFER_LIMIT) if is_json else None
     try:
         async for chunk in upstream.content.iter_any():
+            if watch is not None and tap is None:
+                watch.feed(chunk)
+            if json_tap is not None:
+                json_tap.feed(chunk)
             out = tap.feed(chunk) if tap is not None else chunk
             if out:
                 await response.write(out)
@@ -405,6 +413,8 @@ async def _relay_stream(
             rest = tap.flush()
             if rest:
                 await response.write(rest)
+        if json_tap is not None:
+            exchange.tokens = json_tap.usage()
     except UPSTREAM_FAILURES as exc:
         if request.transport is None or request.transport.is_closing():
             raise asyncio.CancelledError from None  # the caller left; nothing to tell
@@ -413,7 +423,14 @@ async def _relay_stream(
     finally:
         if tap is not None:
             exchange.tokens = tap.tokens
-    await response.write_eof()
+            if watch is not None:
+                watch.first_event = tap.first_event
+    try:
+        await response.write_eof()
+    except ConnectionResetError:
+        # openai-python waits 0.1 s for the end of a stream after "[DONE]", then hangs up:
+        # the caller already has the whole answer.
+        upstream_log.debug("caller left before the end of stream %s", exchange.request_id)
     return response
 
 

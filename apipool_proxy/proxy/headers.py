@@ -84,6 +84,10 @@ def caller_response_headers(upstream: CIMultiDictProxy[str], request_id: str) ->
             if lowered == "x-request-id":
                 out[UPSTREAM_REQUEST_ID] = value
             continue
+        if lowered.startswith("x-ratelimit-"):
+            # The pooled key's account limits: not the caller's, and not theirs to see. The
+            # caller's own limits go out under these names (proxy/access.py).
+            continue
         out.add(name, value)
     out[REQUEST_ID] = request_id
     return out

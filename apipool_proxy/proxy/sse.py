@@ -1,8 +1,10 @@
-"""Watching a server-sent-event stream for token usage as it passes through.
+"""Watching a relayed body for token usage as it passes through.
 
-Events are forwarded as soon as they are complete, byte for byte. The only change ever
-made is dropping the usage-only chunk that the proxy itself asked for (see
+Server-sent events are forwarded as soon as they are complete, byte for byte. The only
+change ever made is dropping the usage-only chunk that the proxy itself asked for (see
 ``stream_options.include_usage``) so the caller sees exactly the stream it asked for.
+A JSON answer relayed in pieces (chunked, without a Content-Length) passes unchanged
+while a bounded copy is kept to read its ``usage`` at the end.
 """
 
 from __future__ import annotations
@@ -42,12 +44,44 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-class UsageTap:
-    """Splits a byte stream into SSE events, notes usage, and drops injected usage chunks."""
+class JsonTap:
+    """Keeps a copy of a JSON body up to ``limit`` bytes, to read its usage at the end."""
 
-    def __init__(self, drop_usage_chunk: bool) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size <= self.limit:
+            self._parts.append(chunk)
+        else:
+            self._parts.clear()  # too large to be worth parsing; usage stays unknown
+
+    def usage(self) -> TokenCounts | None:
+        """The usage of the whole body, once it has all been fed."""
+        data = b"".join(self._parts) if self._size <= self.limit else b""
+        if b'"usage"' not in data:
+            return None
+        try:
+            return usage_from(json.loads(data))
+        except ValueError:
+            return None
+
+
+class UsageTap:
+    """Splits a byte stream into SSE events, notes usage, and drops injected usage chunks.
+
+    With ``keep_first_event`` it also keeps the first event's JSON: a streamed response's
+    ``response.created`` names the response the stream stores.
+    """
+
+    def __init__(self, drop_usage_chunk: bool, keep_first_event: bool = False) -> None:
         self.drop_usage_chunk = drop_usage_chunk
         self.tokens: TokenCounts | None = None
+        self.first_event: Any = None
+        self._want_first = keep_first_event
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -58,6 +92,8 @@ class UsageTap:
             self._pending = data
             return b""
         complete, self._pending = data[:end], data[end:]
+        if self._want_first:
+            self._take_first(complete)
         if b'"usage"' not in complete:
             return complete
         return self._scan(complete)
@@ -65,6 +101,18 @@ class UsageTap:
     def flush(self) -> bytes:
         rest, self._pending = self._pending, b""
         return rest
+
+    def _take_first(self, complete: bytes) -> None:
+        for event in _split_events(complete):
+            payload = _event_data(event)
+            if payload is None:
+                continue  # a comment or a blank keep-alive
+            self._want_first = False
+            try:
+                self.first_event = json.loads(payload)
+            except ValueError:
+                pass
+            return
 
     def _scan(self, complete: bytes) -> bytes:
         kept: list[bytes] = []

@@ -32,6 +32,12 @@ _HANDSHAKE = (
     "sec-websocket-accept",
 )
 
+_CALLER_PROTOCOL_PREFIXES = (
+    "openai-insecure-api-key.",
+    "openai-organization.",
+    "openai-project.",
+)
+
 
 async def relay_websocket(
     request: web.Request, services: Services, principal: Principal
@@ -44,9 +50,7 @@ async def relay_websocket(
     headers = upstream_request_headers(request.headers, key.auth_header)
     for name in _HANDSHAKE:
         headers.popall(name, None)
-    protocols = [
-        p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()
-    ]
+    protocols = _upstream_protocols(request.headers.get("Sec-WebSocket-Protocol", ""))
     headers.popall("Sec-WebSocket-Protocol", None)
     url = upstream_url(key, request)
     key.begin()
@@ -83,6 +87,17 @@ async def relay_websocket(
             return caller
     finally:
         key.end()
+
+
+def _upstream_protocols(offered: str) -> list[str]:
+    """The caller's subprotocols minus those carrying the caller's credentials or account.
+
+    Browsers cannot set headers on a WebSocket, so OpenAI's Realtime API also takes the key,
+    organization and project as subprotocols. Here they would hold the caller's pool token;
+    like the matching headers, they stay behind and the pooled key's header goes instead.
+    """
+    protocols = [p.strip() for p in offered.split(",") if p.strip()]
+    return [p for p in protocols if not p.lower().startswith(_CALLER_PROTOCOL_PREFIXES)]
 
 
 async def _pump_both_ways(caller: web.WebSocketResponse, upstream: Any) -> None:

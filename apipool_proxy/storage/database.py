@@ -201,14 +201,21 @@ class Database:
     # -- usage ------------------------------------------------------------------------
 
     async def insert_usage(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        await self._conn.executemany(
-            "INSERT INTO usage (created_at, user_id, token_id, key_id, key_owner_id, model,"
-            " endpoint, status, attempts, stream, prompt_tokens, completion_tokens,"
-            " total_tokens, upstream_ms, total_ms, request_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        await self._conn.commit()
+        """Insert a batch, all or nothing: a failed batch is retried whole later."""
+        try:
+            await self._conn.executemany(
+                "INSERT INTO usage (created_at, user_id, token_id, key_id, key_owner_id, model,"
+                " endpoint, status, attempts, stream, prompt_tokens, completion_tokens,"
+                " total_tokens, upstream_ms, total_ms, request_id)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            await self._conn.commit()
+        except sqlite3.Error:
+            # Rows inserted before the failure would otherwise ride along with the next
+            # commit, and then again with the retry.
+            await self._conn.rollback()
+            raise
 
     async def usage_rows(
         self, since: float, until: float, user_id: int | None, key_owner_id: int | None

@@ -1,0 +1,108 @@
+"""One access-log line and one request count per /v1 request, whatever its outcome.
+
+The line is written where every request passes, after the handler is done (a stream
+when its last byte went out), so refusals before any upstream is chosen (a bad token, a
+limit, a body too large) are logged like the rest. It holds identifiers and numbers
+only: never a body, a prompt, a query string or a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from ..log import access_log
+from ..state import SERVICES, Services
+from .exchange import EXCHANGE, MAX_MODEL_CHARS, Exchange, endpoint_of, metric_endpoint
+
+_LINE = "%s %s %d user=%s key=%s model=%s attempts=%d latency_ms=%.1f"
+
+
+@web.middleware
+async def access_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the caller went away
+        raise
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        latency_ms = (time.perf_counter() - started) * 1000
+        _account(request.app[SERVICES], request, status, latency_ms)
+
+
+async def add_exchange_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Response headers known from admission: the request id and the caller's rate limits.
+
+    Added as the headers go out, so a stream, an error and a relayed answer all get them.
+    """
+    exchange = request.get(EXCHANGE)
+    if exchange is None:
+        return
+    response.headers.update(exchange.rate_headers)
+    response.headers.setdefault("x-request-id", exchange.request_id)
+
+
+def _account(services: Services, request: web.Request, status: int, latency_ms: float) -> None:
+    exchange = request.get(EXCHANGE)
+    if exchange is not None and exchange.status:
+        status = exchange.status  # e.g. 502 for a stream that broke after a 200 went out
+    endpoint = exchange.endpoint if exchange is not None else endpoint_of(request.path)
+    model = exchange.model if exchange is not None else None
+    known = model is not None and model in services.pool.known_models
+    services.metrics.requests.labels(
+        metric_endpoint(endpoint), model if known else "other", str(status)
+    ).inc()
+    if services.settings.log.access_log:
+        _log(request, exchange, status, latency_ms)
+
+
+def _log(request: web.Request, exchange: Exchange | None, status: int, latency_ms: float) -> None:
+    # The path as sent (still percent-encoded): a decoded %0A would start a forged line.
+    path = request.rel_url.raw_path
+    fields: dict[str, Any] = {
+        "request_id": exchange.request_id if exchange else None,
+        "method": request.method,
+        "path": path,
+        "status": status,
+        "user_id": exchange.principal.user.id if exchange else None,
+        "key_id": exchange.key.id if exchange and exchange.key else None,
+        "model": _printable(exchange.model) if exchange and exchange.model else None,
+        "attempts": exchange.attempts if exchange else 0,
+        "stream": exchange.stream if exchange else False,
+        "total_tokens": exchange.tokens.total if exchange and exchange.tokens else None,
+        "latency_ms": round(latency_ms, 1),
+    }
+    access_log.info(
+        _LINE,
+        request.method,
+        path,
+        status,
+        _dash(fields["user_id"]),
+        _dash(fields["key_id"]),
+        _dash(fields["model"]),
+        fields["attempts"],
+        latency_ms,
+        extra={"fields": fields},
+    )
+
+
+def _dash(value: object) -> object:
+    return "-" if value is None else value
+
+
+def _printable(text: str) -> str:
+    text = text[:MAX_MODEL_CHARS]
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
