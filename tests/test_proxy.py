@@ -89,6 +89,18 @@ async def wait_models_known(p: Pool) -> None:
             await asyncio.sleep(0.02)
 
 
+async def until_served(pool: Pool, key: str) -> None:
+    """Send requests until the pool (which picks among equals at random) has tried ``key``;
+    every one must still succeed, through another key if that one fails."""
+    client = pool.client()
+    for _ in range(50):
+        if pool.served_by(key):
+            return
+        reply = await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
+        assert reply.choices[0].message.content == "echo: hello there"
+    pytest.fail(f"the pool never tried key {key[:10]}")
+
+
 def messages(text: str = "hello there") -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
@@ -142,9 +154,7 @@ async def test_stream_with_include_usage_keeps_the_usage_chunk(pool: Pool):
 
 
 async def test_embeddings(pool: Pool):
-    result = await pool.client().embeddings.create(
-        model="text-embedding-3-small", input=["a", "b"]
-    )
+    result = await pool.client().embeddings.create(model="text-embedding-3-small", input=["a", "b"])
     assert len(result.data) == 2 and len(result.data[0].embedding) == 8
 
 
@@ -202,16 +212,25 @@ async def test_upstream_sees_only_the_pooled_key_and_allowed_headers(pool: Pool,
         "api-key": "also-a-secret",
     }
     body = {"model": "gpt-4o-mini", "messages": messages()}
-    async with http.post(pool.server.proxy_url + "/chat/completions", json=body,
-                         headers=headers) as resp:
+    async with http.post(
+        pool.server.proxy_url + "/chat/completions", json=body, headers=headers
+    ) as resp:
         assert resp.status == 200
         caller_sees = resp.headers
     seen = pool.up.requests[-1].headers
     assert seen["Authorization"] in {f"Bearer {k}" for k in pool.keys}
     assert pool.alice.token not in str(dict(seen))
-    for name in ("Cookie", "X-Forwarded-For", "X-Forwarded-Host", "Forwarded",
-                 "OpenAI-Organization", "OpenAI-Project", "X-Hop", "Proxy-Authorization",
-                 "api-key"):
+    for name in (
+        "Cookie",
+        "X-Forwarded-For",
+        "X-Forwarded-Host",
+        "Forwarded",
+        "OpenAI-Organization",
+        "OpenAI-Project",
+        "X-Hop",
+        "Proxy-Authorization",
+        "api-key",
+    ):
         assert name not in seen, name
     assert seen["OpenAI-Beta"] == "assistants=v2"
     assert seen["X-Stainless-Lang"] == "python" and seen["User-Agent"] == "my-app/1.0"
@@ -225,8 +244,9 @@ async def test_upstream_sees_only_the_pooled_key_and_allowed_headers(pool: Pool,
 async def test_gzip_upstream_is_decoded_consistently(pool: Pool, http):
     pool.up.gzip = True
     body = {"model": "gpt-4o-mini", "messages": messages("zip")}
-    async with http.post(pool.server.proxy_url + "/chat/completions", json=body,
-                         headers=pool.alice.auth) as resp:
+    async with http.post(
+        pool.server.proxy_url + "/chat/completions", json=body, headers=pool.alice.auth
+    ) as resp:
         assert "Content-Encoding" not in resp.headers
         assert (await resp.json())["choices"][0]["message"]["content"] == "echo: zip"
 
@@ -238,6 +258,7 @@ async def test_rate_limited_key_is_skipped_then_rested_until_retry_after(pool: P
     bad, good = pool.keys
     pool.up.fail(bad, "429", times=1, retry_after=1)
     client = pool.client()
+    await until_served(pool, bad)
     for _ in range(6):
         reply = await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
         assert reply.choices[0].message.content == "echo: hello there"
@@ -256,6 +277,7 @@ async def test_401_marks_the_key_invalid_and_redacts_it(pool: Pool):
     bad = pool.keys[0]
     pool.up.revoke(bad)  # the fake echoes the key in its error message, as OpenAI does
     client = pool.client()
+    await until_served(pool, bad)
     for _ in range(4):
         await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
     assert pool.served_by(bad) == 1
@@ -312,8 +334,7 @@ async def test_all_keys_broken_gives_502_without_upstream_details(start_server, 
             p.up.fail(p.keys[0], "502", html=True)
             p.up.fail(p.keys[1], "reset")
             with pytest.raises(openai.InternalServerError) as caught:
-                await p.client().chat.completions.create(model="gpt-4o-mini",
-                                                         messages=messages())
+                await p.client().chat.completions.create(model="gpt-4o-mini", messages=messages())
             assert caught.value.status_code == 502
             text = caught.value.message
             assert "<html" not in text.lower() and "127.0.0.1" not in text
@@ -337,8 +358,9 @@ async def test_caller_leaving_mid_stream_releases_the_upstream(pool: Pool, http)
     pool.up.stream_chunks = 200
     pool.up.chunk_delay = 0.05
     body = {"model": "gpt-4o-mini", "messages": messages(), "stream": True}
-    resp = await http.post(pool.server.proxy_url + "/chat/completions", json=body,
-                           headers=pool.alice.auth)
+    resp = await http.post(
+        pool.server.proxy_url + "/chat/completions", json=body, headers=pool.alice.auth
+    )
     await resp.content.readline()
     assert pool.up.inflight == 1
     resp.close()  # the caller hangs up
@@ -379,8 +401,7 @@ async def test_proxy_errors_map_to_sdk_exception_classes(start_server, http):
             for key in p.keys:
                 p.up.fail(key, "429", retry_after=20)
             with pytest.raises(openai.RateLimitError):
-                await p.client().chat.completions.create(model="gpt-4o-mini",
-                                                         messages=messages())
+                await p.client().chat.completions.create(model="gpt-4o-mini", messages=messages())
             for key in p.keys:
                 p.up.heal(key)
                 p.up.fail(key, "500")
@@ -389,8 +410,7 @@ async def test_proxy_errors_map_to_sdk_exception_classes(start_server, http):
             for key in p.keys:
                 p.up.fail(key, "500")
             with pytest.raises(openai.InternalServerError) as broken:
-                await p.client().chat.completions.create(model="gpt-4o-mini",
-                                                         messages=messages())
+                await p.client().chat.completions.create(model="gpt-4o-mini", messages=messages())
             assert broken.value.status_code == 502
 
 
@@ -404,8 +424,11 @@ async def test_missing_token_and_non_v1_paths(server, http):
 
 
 async def test_malformed_json_body_is_400(pool: Pool, http):
-    async with http.post(pool.server.proxy_url + "/chat/completions", data=b'{"model": ',
-                         headers={**pool.alice.auth, "Content-Type": "application/json"}) as resp:
+    async with http.post(
+        pool.server.proxy_url + "/chat/completions",
+        data=b'{"model": ',
+        headers={**pool.alice.auth, "Content-Type": "application/json"},
+    ) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"]["code"] == "invalid_json"
     assert pool.up.requests_for(pool.keys[0]) == [] or all(
@@ -425,8 +448,7 @@ async def test_round_robin_spreads_requests(start_server, http):
     async with start_server(pool={"strategy": "round_robin"}) as server:
         async for p in make_pool(server, http, n_keys=3, models=["gpt-4o-mini"]):
             for _ in range(9):
-                await p.client().chat.completions.create(model="gpt-4o-mini",
-                                                         messages=messages())
+                await p.client().chat.completions.create(model="gpt-4o-mini", messages=messages())
             assert [p.served_by(k) for k in p.keys] == [3, 3, 3]
 
 
@@ -436,8 +458,7 @@ async def test_keys_without_models_are_tried_until_upstream_lists_them(start_ser
             p.up.set_models(p.keys[0], ["only-this"])
             await wait_models_known(p)
             with pytest.raises(openai.NotFoundError):
-                await p.client().chat.completions.create(model="gpt-4o-mini",
-                                                         messages=messages())
+                await p.client().chat.completions.create(model="gpt-4o-mini", messages=messages())
 
 
 def _unused(_: aiohttp.ClientSession) -> None:  # keeps the import for type hints

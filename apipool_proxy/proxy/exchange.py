@@ -102,7 +102,6 @@ class Exchange:
     status: int = 0
     tokens: TokenCounts | None = None
     upstream_started: float | None = None
-    upstream_headers_at: float | None = None
     # Set when the answer may create or delete an object on the upstream account.
     watch: AnswerWatch | None = None
     # The caller's x-ratelimit-* headers, set on admission and sent with the response.

@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -20,7 +21,7 @@ from yarl import URL
 from ..errors import ApiError, error_body
 from ..limits import UserCounters
 from ..log import REDACTED, redact, upstream_log
-from ..pool import NoKeyAvailable, Outcome, PooledKey, classify_response
+from ..pool import KeyStatus, NoKeyAvailable, Outcome, PooledKey, classify_response
 from ..pool.health import RETRYABLE, Verdict
 from ..state import SERVICES, Services
 from . import sticky
@@ -32,10 +33,22 @@ from .sse import JsonTap, UsageTap, usage_from
 # Answers up to this size without a streaming content type are read whole and sent in one
 # write; anything else is relayed chunk by chunk as it arrives.
 BUFFER_LIMIT = 4 * 1024 * 1024
-ERROR_BODY_LIMIT = 64 * 1024
+ERROR_BODY_LIMIT = 1024 * 1024
 LARGE_BODY = 1024 * 1024
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
 UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why one attempt with one key failed, before anything reached the caller."""
+
+    reason: str
+    verdict: Verdict
+
+
+# An attempt that must be sent again to the same key (without the injected stream_options).
+RESEND = Failure("resend without stream_options", Verdict(Outcome.CALLER_ERROR))
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -143,19 +156,19 @@ async def _forward(
         if attempt:
             services.metrics.failovers.inc()  # moving on from a key that failed
         tried.add(key.id)
-        last_attempt = attempt + 1 == attempts
-        response = await _attempt(request, services, exchange, body, key, last_attempt)
+        response = await _attempt(request, services, exchange, body, key)
+        if response is RESEND:
+            exchange.attempts -= 1  # the same attempt, resent as the caller asked
+            response = await _attempt(request, services, exchange, body, key)
         if isinstance(response, web.StreamResponse):
             await sticky.after_response(services, exchange)
             return response
-        failures.append(response[0])
-        verdicts.append(response[1])
+        failures.append(response.reason)
+        verdicts.append(response.verdict)
     raise _all_failed(exchange, failures, verdicts, pool, tried)
 
 
 def _has_working_key(services: Services, user_id: int) -> bool:
-    from ..pool import KeyStatus
-
     return any(
         k.effective_status(time.time()) in (KeyStatus.ACTIVE, KeyStatus.COOLING)
         for k in services.pool.owned_by(user_id)
@@ -168,9 +181,8 @@ async def _attempt(
     exchange: Exchange,
     body: RequestBody,
     key: PooledKey,
-    last_attempt: bool,
-) -> web.StreamResponse | tuple[str, Verdict]:
-    """One try with one key: the relayed response, or why this key failed."""
+) -> web.StreamResponse | Failure:
+    """One try with one key: the relayed response, why this key failed, or RESEND."""
     pool = services.pool
     exchange.attempts += 1
     exchange.key = key
@@ -192,12 +204,10 @@ async def _attempt(
             reason = _describe_failure(exc)
             pool.record(key, Verdict(Outcome.SERVER_ERROR), reason, time.time())
             upstream_log.info("key %d: %s", key.id, reason)
-            return reason, Verdict(Outcome.SERVER_ERROR)
+            return Failure(f"key {key.id}: {reason}", Verdict(Outcome.SERVER_ERROR))
         services.metrics.upstream_latency.observe(time.perf_counter() - exchange.upstream_started)
         try:
-            return await _answer(
-                request, services, exchange, key, upstream, injected, last_attempt, body
-            )
+            return await _answer(request, services, exchange, key, upstream, injected)
         finally:
             upstream.release()
     finally:
@@ -211,9 +221,7 @@ async def _answer(
     key: PooledKey,
     upstream: aiohttp.ClientResponse,
     injected: bool,
-    last_attempt: bool,
-    body: RequestBody,
-) -> web.StreamResponse | tuple[str, Verdict]:
+) -> web.StreamResponse | Failure:
     status = upstream.status
     now = time.time()
     key.last_used_at = now
@@ -235,13 +243,12 @@ async def _answer(
         # This upstream does not know stream_options: remember, and resend as asked.
         key.no_stream_options = True
         services.pool.dirty.add(key.id)
-        exchange.attempts -= 1
-        return await _attempt(request, services, exchange, body, key, last_attempt)
+        return RESEND
     verdict = classify_response(status, upstream.headers, error)
     services.pool.record(key, verdict, _error_text(status, error), now)
     if verdict.outcome in RETRYABLE:
         upstream_log.info("key %d: upstream answered %d; trying another key", key.id, status)
-        return f"key {key.id} got {_status_words(status, verdict)}", verdict
+        return Failure(f"key {key.id} got {_status_words(status, verdict)}", verdict)
     # The caller's own mistake (400, 404, 422...): relayed verbatim, costs the key nothing,
     # except that an upstream echoing the pooled key must not hand it to the caller.
     exchange.status = status
@@ -268,7 +275,10 @@ def _payload_for(key: PooledKey, exchange: Exchange, body: RequestBody) -> tuple
     if options is not None and not isinstance(options, dict):
         return body.raw, False
     extended = {**data, "stream_options": {**(options or {}), "include_usage": True}}
-    return json.dumps(extended).encode(), True
+    try:
+        return json.dumps(extended).encode(), True
+    except (RecursionError, ValueError):
+        return body.raw, False  # too deep to re-encode: send as asked, tokens unknown
 
 
 def upstream_url(key: PooledKey, request: web.Request) -> URL:
@@ -347,9 +357,10 @@ def _all_failed(
             if k is not None and k.cooldown_until
         ]
         wait = max(1, int(min(waits) + 0.999)) if waits else 1
+        subject = "The key" if len(tried) == 1 else "Every key"
         return ApiError(
             429,
-            f"Every key tried for {what} is rate-limited ({summary}); retry in {wait} s.",
+            f"{subject} tried for {what} is rate-limited ({summary}); retry in {wait} s.",
             code="rate_limit_exceeded",
             headers={"Retry-After": str(wait)},
         )
@@ -367,13 +378,15 @@ async def _relay(
     content_type = upstream.headers.get("Content-Type", "")
     length = upstream.content_length
     is_sse = content_type.startswith("text/event-stream")
-    if not is_sse and length is not None and length <= BUFFER_LIMIT:
+    # A compressed answer's length says nothing of its decoded size, so it is streamed
+    # (bounded memory) rather than read whole.
+    encoded = "Content-Encoding" in upstream.headers
+    if not is_sse and not encoded and length is not None and length <= BUFFER_LIMIT:
         data = await upstream.read()
         if b'"usage"' in data and content_type.startswith("application/json"):
             exchange.tokens = _usage_of(data)
         if exchange.watch is not None:
             exchange.watch.feed(data)
-        exchange.upstream_headers_at = time.perf_counter()
         return web.Response(status=upstream.status, body=data, headers=headers)
     return await _relay_stream(request, exchange, upstream, headers, is_sse, injected)
 
@@ -415,9 +428,12 @@ async def _relay_stream(
                 await response.write(rest)
         if json_tap is not None:
             exchange.tokens = json_tap.usage()
+    except ConnectionResetError:
+        # Writing to a caller that hung up; the upstream is released by our caller.
+        exchange.status = 499
+        upstream_log.debug("caller left stream %s", exchange.request_id)
+        return response
     except UPSTREAM_FAILURES as exc:
-        if request.transport is None or request.transport.is_closing():
-            raise asyncio.CancelledError from None  # the caller left; nothing to tell
         await _end_broken_stream(request, exchange, response, is_sse, exc)
         return response
     finally:
