@@ -396,7 +396,7 @@ async def test_hang_times_out_and_is_released(
 ) -> None:
     fake_upstream.fail(KEY_A, "hang", times=1)
     with pytest.raises(openai.APITimeoutError):
-        await client.chat.completions.create(**CHAT, timeout=0.2)
+        await client.chat.completions.create(**CHAT, timeout=0.5)
     async with asyncio.timeout(1):
         await fake_upstream.wait_idle()
     assert fake_upstream.disconnects == 1

@@ -295,7 +295,8 @@ def upstream_url(key: PooledKey, request: web.Request) -> URL:
 
 
 def _has_dot_segment(tail: str) -> bool:
-    path = tail.split("?", 1)[0].lower().replace("%2e", ".")
+    # Read as an upstream that decodes before normalising would: "..%2f" climbs too.
+    path = tail.split("?", 1)[0].lower().replace("%2e", ".").replace("%2f", "/")
     return any(seg in (".", "..") for seg in path.split("/"))
 
 
