@@ -7,6 +7,7 @@ use. Daily totals are seeded from the usage table at startup so a restart forgiv
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
@@ -19,12 +20,8 @@ WINDOW = 60.0
 DAY = 86400.0
 
 
-@dataclass(slots=True)
-class Limits:
-    rpm: int | None = None
-    tpm: int | None = None
-    daily_tokens: int | None = None
-    max_concurrent: int | None = None
+# One user's limits: the configured defaults with that user's overrides applied.
+Limits = LimitSettings
 
 
 @dataclass(slots=True)
@@ -43,11 +40,9 @@ class Limiter:
         self._counters: dict[int, UserCounters] = {}
 
     def limits_for(self, overrides: dict[str, int | None]) -> Limits:
-        d = self.defaults
-        limits = Limits(d.rpm, d.tpm, d.daily_tokens, d.max_concurrent)
-        for name, value in overrides.items():
-            setattr(limits, name, value)
-        return limits
+        if not overrides:
+            return self.defaults  # the common case costs no allocation
+        return dataclasses.replace(self.defaults, **overrides)
 
     def seed_today(self, user_id: int, tokens: int, now: float) -> None:
         counters = self._get(user_id, now)

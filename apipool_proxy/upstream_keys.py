@@ -179,17 +179,7 @@ class UpstreamKeys:
             )
         max_concurrent = _check_cap(payload, "max_concurrent", key.max_concurrent)
         rpm = _check_cap(payload, "rpm", key.rpm)
-        await self.db.save_key_settings(
-            key.id,
-            {
-                "label": label,
-                "models": json.dumps(sorted(models)) if models is not None else None,
-                "enabled": int(enabled),
-                "approved": int(key.approved),
-                "max_concurrent": max_concurrent,
-                "rpm": rpm,
-            },
-        )
+        await self._save_settings(key, label, models, enabled, key.approved, max_concurrent, rpm)
         key.label, key.max_concurrent, key.rpm = label, max_concurrent, rpm
         if enabled and not key.enabled:
             self.pool.reset(key)
@@ -198,22 +188,37 @@ class UpstreamKeys:
             self.pool.set_models(key, models, discovered=False)
         return key
 
+    async def _save_settings(
+        self,
+        key: PooledKey,
+        label: str | None,
+        models: frozenset[str] | None,
+        enabled: bool,
+        approved: bool,
+        max_concurrent: int | None,
+        rpm: int | None,
+    ) -> None:
+        """Write a key's owner-set fields; the caller applies them to the pool after."""
+        await self.db.save_key_settings(
+            key.id,
+            {
+                "label": label,
+                "models": json.dumps(sorted(models)) if models is not None else None,
+                "enabled": int(enabled),
+                "approved": int(approved),
+                "max_concurrent": max_concurrent,
+                "rpm": rpm,
+            },
+        )
+
     async def approve(self, key_id: int) -> PooledKey:
         key = self.pool.get(key_id)
         if key is None:
             raise ApiError(404, f"No key with id {key_id}.", code="key_not_found")
-        key.approved = True
-        await self.db.save_key_settings(
-            key.id,
-            {
-                "label": key.label,
-                "models": json.dumps(sorted(key.models)) if key.models is not None else None,
-                "enabled": int(key.enabled),
-                "approved": 1,
-                "max_concurrent": key.max_concurrent,
-                "rpm": key.rpm,
-            },
+        await self._save_settings(
+            key, key.label, key.models, key.enabled, True, key.max_concurrent, key.rpm
         )
+        key.approved = True
         return key
 
     async def check(self, key: PooledKey) -> PooledKey:

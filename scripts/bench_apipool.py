@@ -8,6 +8,7 @@ import http.client
 import json
 import secrets
 import shlex
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ class ApipoolUnavailable(Exception):
 
 @dataclass
 class Apipool:
-    process: object
+    process: subprocess.Popen
     proxy_port: int
     admin_port: int
     token: str

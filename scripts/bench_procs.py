@@ -104,6 +104,8 @@ class Processes:
         self.running.append(process)
         try:
             out, err = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{command[0]} still running after {timeout:.0f} s") from None
         finally:
             self.stop(process)
         if process.returncode != 0:
@@ -148,8 +150,10 @@ class Processes:
                 process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 pass
-        # Helpers the process left behind in its group go too.
-        _signal_group(process.pid, signal.SIGKILL)
+        # Helpers the process left behind in its group go too. While any is alive the group
+        # id cannot be handed to another process, so this reaches only what we started.
+        if group_pids(process.pid):
+            _signal_group(process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=grace)
 
@@ -210,13 +214,45 @@ def peak_rss_mb(pgid: int) -> float:
     return sum(_status_kb(pid, "VmHWM") for pid in group_pids(pgid)) / 1024
 
 
-def cpu_seconds(pgid: int) -> float:
+def _cpu_of(pids: list[int]) -> float:
     total = 0
-    for pid in group_pids(pgid):
+    for pid in pids:
         with contextlib.suppress(OSError, IndexError, ValueError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])  # utime + stime
     return total / CLOCK_TICKS
+
+
+class CpuAccount:
+    """How much CPU time went to processes the benchmark did not start, and to the hypervisor.
+
+    Other work on a shared machine (a test suite, a build) skews every figure; this puts a
+    number on it. Interrupt time is left out on both sides, as the kernel charges no
+    process for it.
+    """
+
+    def __init__(self) -> None:
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float, float]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        user, nice, system, steal = fields[0], fields[1], fields[2], fields[7]
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        # Every process the benchmark started has been waited for by the time we read this.
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own_s = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+        return (user + nice + system) / CLOCK_TICKS, steal / CLOCK_TICKS, sum(fields), own_s
+
+    def summary(self) -> dict:
+        busy, steal, ticks, own = (b - a for a, b in zip(self.start, self._read(), strict=True))
+        capacity = ticks / CLOCK_TICKS  # all cores' seconds, busy or not
+        if capacity <= 0:
+            return {"others_pct": None, "steal_pct": None}
+        return {
+            "others_pct": round(100 * max(0.0, busy - own) / capacity, 1),
+            "steal_pct": round(100 * steal / capacity, 1),
+        }
 
 
 def thread_affinity(pgid: int) -> dict:
@@ -233,17 +269,21 @@ def thread_affinity(pgid: int) -> dict:
     return {"threads": threads, "cores": sorted(masks)}
 
 
-class RssSampler:
-    """Samples a process group's resident memory every 100 ms in a background thread."""
+class Sampler:
+    """Every 100 ms, note the resident memory and CPU time of some process groups.
 
-    def __init__(self, pgid: int, interval: float = 0.1) -> None:
-        self.pgid = pgid
+    Runs as a thread of the harness, which sits on the load core(s): group members are
+    looked up once a second, not on every sample, to keep that core for the load.
+    """
+
+    def __init__(self, groups: dict[str, int], interval: float = 0.1) -> None:
+        self.groups = groups
         self.interval = interval
-        self.peak_mb = 0.0
+        self.samples: list[tuple[float, dict[str, tuple[float, float]]]] = []
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, name="rss-sampler", daemon=True)
+        self._thread = threading.Thread(target=self._sample, name="sampler", daemon=True)
 
-    def __enter__(self) -> "RssSampler":
+    def __enter__(self) -> "Sampler":
         self._thread.start()
         return self
 
@@ -252,9 +292,29 @@ class RssSampler:
         self._thread.join()
 
     def _sample(self) -> None:
+        members: dict[str, list[int]] = {}
+        refreshed = 0.0
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, rss_mb(self.pgid))
+            now = time.time()
+            if now - refreshed > 1.0:
+                members = {name: group_pids(pgid) for name, pgid in self.groups.items()}
+                refreshed = now
+            point = {
+                name: (sum(_status_kb(p, "VmRSS") for p in pids) / 1024, _cpu_of(pids))
+                for name, pids in members.items()
+            }
+            self.samples.append((now, point))
             self._stop.wait(self.interval)
+
+    def peak_rss_mb(self, name: str) -> float:
+        return max((point[name][0] for _, point in self.samples), default=0.0)
+
+    def cpu_share(self, name: str, start: float, end: float) -> float | None:
+        """CPU seconds the group used per second between two time.time() values."""
+        inside = [(at, point[name][1]) for at, point in self.samples if start <= at <= end]
+        if len(inside) < 2 or inside[-1][0] <= inside[0][0]:
+            return None
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
 def wait_for_port(port: int, process: subprocess.Popen, timeout: float = 15.0) -> None:

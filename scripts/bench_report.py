@@ -1,4 +1,4 @@
-"""Turn benchmark results into markdown tables, PASS/FAIL verdicts and a JSON record."""
+"""Turn benchmark results into markdown tables and a JSON record."""
 
 import json
 import os
@@ -62,6 +62,18 @@ def machine_line(machine: dict) -> str:
     )
 
 
+def elsewhere_lines(elsewhere: dict) -> list[str]:
+    others, steal = elsewhere["others_pct"], elsewhere["steal_pct"]
+    line = (
+        f"CPU time taken by other processes during the run: {fmt(others, 1)} %, "
+        f"by the hypervisor (steal): {fmt(steal, 1)} %"
+    )
+    if (others or 0) + (steal or 0) > 5:
+        # The load and the proxy were meant to have the cores to themselves.
+        return [line, "**warning: the machine was busy with other work; figures are disturbed**"]
+    return [line]
+
+
 def fmt(value, digits: int = 2, suffix: str = "") -> str:
     if value is None:
         return "-"
@@ -109,8 +121,11 @@ def stream_table(section: dict) -> list[str]:
         f"### Streaming: {section['chunks']} chunks per stream, "
         f"{section['interval_ms']:g} ms apart; delay = caller receive time - upstream send time",
         "",
+        f"Full load: median of {section['runs']} runs; ok is the worst run's, errors add up.",
+        "",
         "| path | streams | ok | errors | delay p50 ms | delay p99 ms | p50 minus direct "
-        "| p99 minus direct | stream length p50 s | proxy CPU | load core CPU | peak RSS MB |",
+        "| p99 minus direct | chunks/s sent of offered | proxy CPU | load core CPU "
+        "| peak RSS MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for load in section["loads"]:
@@ -123,7 +138,10 @@ def stream_table(section: dict) -> list[str]:
 def stream_cells(name: str, row: dict, base: dict) -> list:
     delay = row["delay_ms"]
     # Client and upstream share the load core(s): their sum near 1.00 means it is saturated.
-    load_cpu = row["client_cpu_share"] + row["upstream_cpu_share"]
+    load_cpu = None
+    if row["client_cpu_share"] is not None and row["upstream_cpu_share"] is not None:
+        load_cpu = row["client_cpu_share"] + row["upstream_cpu_share"]
+    rate = f"{fmt(row['achieved_chunks_per_s'])} of {row['offered_chunks_per_s']:,}"
     return [
         name,
         f"{row['streams']:,}",
@@ -133,7 +151,7 @@ def stream_cells(name: str, row: dict, base: dict) -> list:
         fmt(delay["p99"]),
         fmt(minus(delay["p50"], base["p50"])),
         fmt(minus(delay["p99"], base["p99"])),
-        fmt(row.get("stream_length_p50_s")),
+        rate,
         fmt(row.get("proxy_cpu_share")),
         fmt(load_cpu),
         fmt(row.get("peak_rss_mb"), 1),
@@ -151,7 +169,16 @@ def leak_table(section: dict) -> list[str]:
         lines.append(
             table_row([f"{point['requests']:,}", fmt(point["rss_mb"], 1), point["errors"]])
         )
+    points = section["checkpoints"]
     lines += ["", f"growth from first to last checkpoint: {fmt(section.get('growth_pct'), 1)} %"]
+    if len(points) >= 3:
+        # Warm-up (caches, allocator arenas) grows early; a leak keeps growing to the end.
+        middle, last = points[len(points) // 2], points[-1]
+        growth = (last["rss_mb"] / middle["rss_mb"] - 1) * 100
+        lines.append(
+            f"growth over the later part ({middle['requests']:,} -> {last['requests']:,}"
+            f" requests): {growth:.1f} %"
+        )
     return lines
 
 

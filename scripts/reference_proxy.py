@@ -4,7 +4,8 @@ One ClientSession for the process; every POST is sent to one fixed upstream URL 
 is returned with the upstream status and content type. No auth, no pool, no logging. With
 --stream the answer is relayed piece by piece as it arrives instead of read whole.
 
-    python scripts/reference_proxy.py --port 9002 --upstream http://127.0.0.1:9001/v1/chat/completions
+    python scripts/reference_proxy.py --port 9002 [--stream] \
+        --upstream http://127.0.0.1:9001/v1/chat/completions
 """
 
 import argparse
