@@ -100,11 +100,18 @@ def error_response(
 _HTTP_EXCEPTION_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 @web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure below a handler into the envelope; never an HTML page or a trace."""
+    return await call_with_envelope(request, handler)
+
+
+async def call_with_envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Run ``handler``, answering any failure with the envelope (what error_middleware does,
+    callable from another middleware to spare the request path a layer)."""
     try:
         return await handler(request)
     except ApiError as exc:

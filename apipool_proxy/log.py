@@ -128,6 +128,16 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> logging.handlers.Qu
     Records are queued and written by a listener thread, so a slow terminal or pipe never
     stalls the event loop; stop the returned listener at exit to flush the queue.
     """
+    # Records need no caller frame, thread, process or task names: collecting those costs
+    # more than the rest of an access line.
+    for flag, value in (
+        ("_srcfile", None),
+        ("logThreads", False),
+        ("logProcesses", False),
+        ("logMultiprocessing", False),
+        ("logAsyncioTasks", False),  # Python 3.12+
+    ):
+        setattr(logging, flag, value)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(RedactingFormatter(fmt))
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()

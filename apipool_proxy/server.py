@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -99,6 +100,7 @@ async def _load(settings: Settings, db: Database, master_key: bytes) -> Services
     objects = ObjectRegistry()
     objects.load(await db.all_objects())
     writer = WriteBehind(db)
+    session = _upstream_session(settings, forbidden_ports)
     services = Services(
         settings=settings,
         db=db,
@@ -109,7 +111,8 @@ async def _load(settings: Settings, db: Database, master_key: bytes) -> Services
         limiter=limiter,
         metrics=Metrics(),
         tasks=BackgroundTasks(),
-        session=_upstream_session(settings, forbidden_ports),
+        session=session,
+        websocket_session=_websocket_session(session),
         objects=objects,
     )
     keys.session = services.session
@@ -149,6 +152,23 @@ def _upstream_session(settings: Settings, forbidden_ports: set[int]) -> aiohttp.
         trust_env=False,
         auto_decompress=True,
         skip_auto_headers=("User-Agent",),
+    )
+
+
+def _websocket_session(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
+    """A session for WebSocket upgrades on the same guarded connector.
+
+    ``ws_connect`` has no ``allow_redirects`` switch, so a client middleware refuses
+    redirected upgrades. It lives on this session alone: plain requests never redirect
+    (they pass ``allow_redirects=False``) and should not pay for a middleware each.
+    """
+    return aiohttp.ClientSession(
+        connector=session.connector,
+        connector_owner=False,
+        timeout=session.timeout,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        skip_auto_headers=("User-Agent",),
         middlewares=(netguard.refuse_redirected_upgrades,),
     )
 
@@ -185,6 +205,7 @@ async def close_services(services: Services) -> None:
         await services.writer.flush()
     except Exception:
         server_log.exception("final write of usage failed")
+    await services.websocket_session.close()
     await services.session.close()
     await services.db.close()
 
@@ -261,11 +282,25 @@ async def _main(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with serve(settings) as running:
+        _tune_garbage_collector()
         server_log.info("proxy port listening on %s", running.proxy_url)
         server_log.info("admin port listening on %s", running.admin_url)
         await stop.wait()
         server_log.info("shutting down: finishing in-flight requests")
     server_log.info("stopped")
+
+
+def _tune_garbage_collector() -> None:
+    """Keep the collector's pauses short while streams are being relayed.
+
+    Everything loaded at startup is moved out of the collector's view (``gc.freeze``), and
+    the youngest generation is collected less often: a request creates many short-lived
+    objects but almost no reference cycles.
+    """
+    gc.collect()
+    gc.freeze()
+    _, second, third = gc.get_threshold()
+    gc.set_threshold(10_000, second, third)
 
 
 def run(config_path: str | None) -> int:

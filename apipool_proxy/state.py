@@ -31,6 +31,7 @@ class Services:
     metrics: Metrics
     tasks: BackgroundTasks
     session: aiohttp.ClientSession
+    websocket_session: aiohttp.ClientSession
     # Which key and member hold each object created through the pool (files, batches...).
     objects: ObjectRegistry = field(default_factory=ObjectRegistry)
     # The URL callers use for /v1 (public_url, or the address actually bound).

@@ -154,7 +154,7 @@ async def test_one_access_line_per_v1_request(start_server, http, caplog):
         with pytest.raises(openai.AuthenticationError):
             await s.sdk("not-a-token").models.list()
         async with http.get(s.server.proxy_url + "/x%0Aforged", headers=alice.auth) as resp:
-            assert resp.status == 404
+            assert resp.status == 429  # forwarded like any /v1 path, so the rpm limit applies
         with pytest.raises(openai.RateLimitError):
             await s.chat(alice)
         await asyncio.sleep(0.05)  # the last line is written after the response went out
@@ -165,7 +165,7 @@ async def test_one_access_line_per_v1_request(start_server, http, caplog):
     )
     assert lines[1].startswith(f"GET /v1/models 200 user={alice.user_id} key=- model=- ")
     assert lines[2].startswith("GET /v1/models 401 user=- key=- model=- attempts=0 ")
-    assert lines[3].startswith("GET /v1/x%0Aforged 404 ")  # as sent: no forged second line
+    assert lines[3].startswith("GET /v1/x%0Aforged 429 ")  # as sent: no forged second line
     assert lines[4].startswith(f"POST /v1/chat/completions 429 user={alice.user_id} key=- ")
     assert all("latency_ms=" in line and "\n" not in line for line in lines)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..errors import ApiError, error_middleware
+from ..errors import ApiError
 from ..state import SERVICES, Services
 from . import forward, models
-from .access import access_middleware, add_exchange_headers
+from .access import accounted
 
 
 async def _not_v1(request: web.Request) -> web.StreamResponse:
@@ -17,6 +17,18 @@ async def _not_v1(request: web.Request) -> web.StreamResponse:
         " serves the OpenAI API under /v1.",
         code="unknown_url",
     )
+
+
+async def _route(request: web.Request) -> web.StreamResponse:
+    # One route for all of /v1: matching a single pattern is cheaper per request than
+    # trying several, and the two model views are told apart here.
+    if request.method == "GET":
+        path = request.path
+        if path == "/v1/models":
+            return await models.list_models(request)
+        if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
+            return await models.get_model(request)
+    return await _forward(request)
 
 
 async def _forward(request: web.Request) -> web.StreamResponse:
@@ -31,15 +43,12 @@ async def _forward(request: web.Request) -> web.StreamResponse:
 
 def build_proxy_app(services: Services) -> web.Application:
     # client_max_size is enforced by our own bounded body reader (413 in the envelope).
-    # The access middleware is outermost: it sees the status error_middleware answered with.
-    app = web.Application(
-        middlewares=[access_middleware, error_middleware],
-        client_max_size=services.settings.proxy.max_body_mb * 1024 * 1024,
-    )
+    # No middlewares: ``accounted`` wraps each handler with the error envelope and the
+    # access line, so it logs the status the caller really got.
+    app = web.Application(client_max_size=services.settings.proxy.max_body_mb * 1024 * 1024)
     app[SERVICES] = services
-    app.on_response_prepare.append(add_exchange_headers)
-    app.router.add_get("/v1/models", models.list_models)
-    app.router.add_get("/v1/models/{model:.+}", models.get_model)
-    app.router.add_route("*", "/v1/{tail:.*}", _forward)
-    app.router.add_route("*", "/{tail:.*}", _not_v1)
+    # [\s\S]: any character, newlines included (a decoded %0A), so that no path can fall
+    # through to aiohttp's own plain-text 404.
+    app.router.add_route("*", r"/v1/{tail:[\s\S]*}", accounted(_route))
+    app.router.add_route("*", r"/{tail:[\s\S]*}", accounted(_not_v1))
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, field
@@ -67,8 +68,14 @@ _API_ROOTS = frozenset(
 MAX_MODEL_CHARS = 256
 
 
+# Request ids: a random per-process prefix and a counter. Unique across restarts and
+# processes without a system call per request; they identify, they do not authenticate.
+_ID_PREFIX = "req_" + os.urandom(6).hex()
+_id_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return "req_" + os.urandom(12).hex()
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 def endpoint_of(path: str) -> str:

@@ -25,6 +25,7 @@ from ..pool import KeyStatus, NoKeyAvailable, Outcome, PooledKey, classify_respo
 from ..pool.health import RETRYABLE, Verdict
 from ..state import SERVICES, Services
 from . import sticky
+from .access import add_exchange_headers
 from .body import RequestBody, inspect_body, read_body
 from .exchange import Exchange, open_exchange
 from .headers import caller_response_headers, upstream_request_headers
@@ -98,7 +99,7 @@ async def _serve(
     limiter = services.limiter
     limits = limiter.limits_for(user.limits)
     counters: UserCounters | None = None
-    services.metrics.in_flight.inc()
+    services.metrics.in_flight += 1
     try:
         now = time.time()
         counters = limiter.admit(user.id, limits, now)
@@ -113,7 +114,7 @@ async def _serve(
         exchange.status = 499  # the caller went away
         raise
     finally:
-        services.metrics.in_flight.dec()
+        services.metrics.in_flight -= 1
         if counters is not None:
             tokens = exchange.tokens.total if exchange.tokens else None
             limiter.finish(counters, tokens, time.time())
@@ -154,7 +155,7 @@ async def _forward(
                 raise _no_key_error(exc) from None
             break
         if attempt:
-            services.metrics.failovers.inc()  # moving on from a key that failed
+            services.metrics.failovers += 1  # moving on from a key that failed
         tried.add(key.id)
         response = await _attempt(request, services, exchange, body, key)
         if response is RESEND:
@@ -186,7 +187,7 @@ async def _attempt(
     pool = services.pool
     exchange.attempts += 1
     exchange.key = key
-    services.metrics.attempts.inc()
+    services.metrics.attempts += 1
     payload, injected = _payload_for(key, exchange, body)
     url = upstream_url(key, request)
     headers = upstream_request_headers(request.headers, key.auth_header)
@@ -205,7 +206,7 @@ async def _attempt(
             pool.record(key, Verdict(Outcome.SERVER_ERROR), reason, time.time())
             upstream_log.info("key %d: %s", key.id, reason)
             return Failure(f"key {key.id}: {reason}", Verdict(Outcome.SERVER_ERROR))
-        services.metrics.upstream_latency.observe(time.perf_counter() - exchange.upstream_started)
+        services.metrics.observe_upstream_latency(time.perf_counter() - exchange.upstream_started)
         try:
             return await _answer(request, services, exchange, key, upstream, injected)
         finally:
@@ -392,7 +393,25 @@ async def _relay(
     return await _relay_stream(request, exchange, upstream, headers, is_sse, injected)
 
 
+_DECODER = json.JSONDecoder()
+
+
 def _usage_of(data: bytes) -> Any:
+    """Token counts of a JSON answer, decoding only its "usage" object when possible.
+
+    OpenAI-style answers end with "usage", so decoding from its last mention reads a few
+    dozen bytes instead of the whole answer; anything unexpected falls back to a full parse.
+    """
+    at = data.rfind(b'"usage"')
+    colon = data.find(b":", at + 7) if at >= 0 else -1
+    if colon > 0:
+        try:
+            usage, _ = _DECODER.raw_decode(data[colon + 1 :].decode().lstrip())
+        except ValueError:  # UnicodeDecodeError included
+            usage = None
+        counts = usage_from({"usage": usage}) if isinstance(usage, dict) else None
+        if counts is not None and counts.total is not None:
+            return counts
     try:
         return usage_from(json.loads(data))
     except ValueError:
@@ -408,6 +427,7 @@ async def _relay_stream(
     injected: bool,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=headers)
+    add_exchange_headers(request, response)  # before the first byte, while headers can change
     await response.prepare(request)
     watch = exchange.watch
     tap = UsageTap(injected, keep_first_event=watch is not None) if is_sse else None

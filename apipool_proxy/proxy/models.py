@@ -59,7 +59,7 @@ async def get_model(request: web.Request) -> web.Response:
     principal = authenticate(request, services)
     exchange = open_exchange(request, principal)
     # The id may hold "/" (qwen/qwen2.5-coder) or ":" (ft:gpt-4o-mini:org::id).
-    model_id = exchange.model = request.match_info["model"]
+    model_id = exchange.model = request.path[len("/v1/models/") :]
     entry = visible_models(services, principal.user.id).get(model_id)
     if entry is None:
         raise ApiError(

@@ -450,7 +450,7 @@ async def _fetch_page(
     url = URL(key.base_url + "/" + "/".join(path_segments(request.path))).with_query(params)
     headers = upstream_request_headers(request.headers, key.auth_header)
     exchange.attempts += 1
-    services.metrics.attempts.inc()
+    services.metrics.attempts += 1
     key.begin()
     try:
         async with services.session.get(url, headers=headers, allow_redirects=False) as upstream:
