@@ -27,7 +27,7 @@ from .admin import build_admin_app
 from .config import ConfigError, Settings, load_settings
 from .crypto import MasterKeyError, load_master_key
 from .limits import Limiter, today_start
-from .log import server_log, setup_logging
+from .log import BufferedLineHandler, server_log, setup_logging
 from .metrics import Metrics
 from .objects import ObjectRegistry, saver
 from .pool import KeyPool, KeyStatus
@@ -37,6 +37,9 @@ from .storage import Database, StorageError
 from .tasks import BackgroundTasks
 from .upstream_keys import UpstreamKeys
 from .usage import WriteBehind
+
+# How long an access line may wait in memory before it is written.
+LOG_FLUSH_INTERVAL = 0.2
 
 
 class StartupError(RuntimeError):
@@ -276,12 +279,19 @@ async def _start(
     return sockets[0].getsockname()[1] if sockets else port
 
 
-async def _main(settings: Settings) -> None:
+async def _flush_logs(handler: BufferedLineHandler) -> None:
+    while True:
+        await asyncio.sleep(LOG_FLUSH_INTERVAL)
+        handler.flush()
+
+
+async def _main(settings: Settings, log_handler: BufferedLineHandler) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     async with serve(settings) as running:
+        running.services.tasks.spawn("flush-logs", _flush_logs(log_handler))
         _tune_garbage_collector()
         server_log.info("proxy port listening on %s", running.proxy_url)
         server_log.info("admin port listening on %s", running.admin_url)
@@ -311,14 +321,14 @@ def run(config_path: str | None) -> int:
     except ConfigError as exc:
         print(f"Error: configuration: {exc}", file=sys.stderr)
         return 2
-    listener = setup_logging(settings.log.level, settings.log.format)
+    log_handler = setup_logging(settings.log.level, settings.log.format)
     try:
-        _run_loop(_main(settings))
+        _run_loop(_main(settings, log_handler))
     except StartupError as exc:
-        listener.stop()
+        log_handler.flush()
         print(f"Error: {exc}", file=sys.stderr)
         return 1
-    listener.stop()
+    log_handler.flush()
     return 0
 
 

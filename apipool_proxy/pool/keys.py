@@ -78,6 +78,14 @@ class PooledKey:
                 return KeyStatus.ACTIVE
         return self.status
 
+    def ready(self, now: float) -> bool:
+        """Usable for a new request now: enabled, not cooling or broken, under its caps."""
+        if self.status is KeyStatus.ACTIVE and self.enabled:
+            if self.max_concurrent is None and self.rpm is None:
+                return True  # the common case, decided without another call
+            return not self.at_capacity(now)
+        return self.effective_status(now) is KeyStatus.ACTIVE and not self.at_capacity(now)
+
     def at_capacity(self, now: float) -> bool:
         if self.max_concurrent is not None and self.in_flight >= self.max_concurrent:
             return True

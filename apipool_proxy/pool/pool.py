@@ -37,6 +37,7 @@ class KeyPool:
         # apart and offered for every model until their upstream tells us.
         self._by_model: dict[str, set[int]] = {}
         self._open: set[int] = set()
+        self._serving_cache: dict[str | None, tuple[PooledKey, ...]] = {}
         self._turn = 0
         # Keys whose persisted state (status, cooldown, last error...) changed.
         self.dirty: set[int] = set()
@@ -81,6 +82,7 @@ class KeyPool:
         self._index(key)
 
     def _index(self, key: PooledKey) -> None:
+        self._serving_cache.clear()
         served = key.served_models()
         if served is None:
             self._open.add(key.id)
@@ -89,6 +91,7 @@ class KeyPool:
             self._by_model.setdefault(model, set()).add(key.id)
 
     def _unindex(self, key: PooledKey) -> None:
+        self._serving_cache.clear()
         self._open.discard(key.id)
         for model in list(self._by_model):
             ids = self._by_model[model]
@@ -100,29 +103,42 @@ class KeyPool:
 
     def candidates(self, model: str | None, user_id: int) -> list[PooledKey]:
         """Keys this user may use that serve ``model`` (any model when None)."""
-        if model is None:
-            ids: Iterable[int] = self._keys.keys()
-        else:
-            ids = self._by_model.get(model, set()) | self._open
-        keys = self._keys
-        return [keys[i] for i in ids if keys[i].usable_by(user_id)]
+        return [k for k in self._serving(model) if k.usable_by(user_id)]
+
+    def _serving(self, model: str | None) -> tuple[PooledKey, ...]:
+        """Keys that serve ``model``, whoever may use them; cached until the pool changes."""
+        found = self._serving_cache.get(model)
+        if found is None:
+            if model is None:
+                ids: Iterable[int] = self._keys.keys()
+            else:
+                ids = self._by_model.get(model, set()) | self._open
+            found = tuple(self._keys[i] for i in sorted(ids))
+            if len(self._serving_cache) >= 4096:
+                self._serving_cache.clear()  # bounded: callers choose the model names
+            self._serving_cache[model] = found
+        return found
 
     def choose(self, model: str | None, user_id: int, tried: set[int], now: float) -> PooledKey:
-        """Pick the key for the next attempt, or raise :class:`NoKeyAvailable`."""
-        candidates = self.candidates(model, user_id)
-        ready = [
-            k
-            for k in candidates
-            if k.id not in tried
-            and k.effective_status(now) is KeyStatus.ACTIVE
-            and not k.at_capacity(now)
-        ]
+        """Pick the key for the next attempt, or raise :class:`NoKeyAvailable`.
+
+        One pass over the keys serving the model: with ``prefer_own_keys`` the caller's own
+        ready keys win over everyone else's, then the strategy decides among equals.
+        """
+        prefer_own = self.prefer_own_keys
+        best_rank = 2
+        ready: list[PooledKey] = []
+        for key in self._serving(model):
+            if key.id in tried or not key.usable_by(user_id) or not key.ready(now):
+                continue
+            rank = 0 if prefer_own and key.owner_id == user_id else 1
+            if rank < best_rank:
+                best_rank = rank
+                ready = [key]
+            elif rank == best_rank:
+                ready.append(key)
         if not ready:
-            raise self._explain(model, candidates, tried, now)
-        if self.prefer_own_keys:
-            own = [k for k in ready if k.owner_id == user_id]
-            if own:
-                ready = own
+            raise self._explain(model, self.candidates(model, user_id), tried, now)
         return self._pick(ready)
 
     def _pick(self, ready: list[PooledKey]) -> PooledKey:
@@ -132,8 +148,7 @@ class KeyPool:
             least = min(k.in_flight for k in ready)
             return random.choice([k for k in ready if k.in_flight == least])  # noqa: S311
         if self.strategy == "round_robin":
-            ready.sort(key=lambda k: k.id)
-            self._turn += 1
+            self._turn += 1  # the keys come sorted by id
             return ready[self._turn % len(ready)]
         return random.choice(ready)  # noqa: S311 - load spreading, not security
 

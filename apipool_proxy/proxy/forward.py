@@ -289,10 +289,20 @@ def upstream_url(key: PooledKey, request: web.Request) -> URL:
         raise ApiError(
             400, "The request path must not contain '.' or '..' segments.", code="invalid_path"
         )
-    url = URL(key.base_url + tail, encoded=True)
-    if url.raw_host != key.host:
-        raise ApiError(400, "The request path is not valid.", code="invalid_path")
+    text = key.base_url + tail
+    url = _URL_CACHE.get(text)
+    if url is None:
+        url = URL(text, encoded=True)
+        if url.raw_host != key.host:
+            raise ApiError(400, "The request path is not valid.", code="invalid_path")
+        if len(_URL_CACHE) >= 1024:
+            _URL_CACHE.clear()  # bounded: paths with object ids are many and seen once
+        _URL_CACHE[text] = url
     return url
+
+
+# Parsed upstream URLs: most requests hit the same few ("{base}/chat/completions").
+_URL_CACHE: dict[str, URL] = {}
 
 
 def _has_dot_segment(tail: str) -> bool:
