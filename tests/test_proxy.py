@@ -418,9 +418,11 @@ async def test_missing_token_and_non_v1_paths(server, http):
     async with http.get(server.proxy_url + "/models") as resp:
         assert resp.status == 401
         assert (await resp.json())["error"]["code"] == "invalid_api_key"
+        assert resp.headers["x-request-id"].startswith("req_")
     async with http.get(server.proxy_url.replace("/v1", "/api/keys")) as resp:
         assert resp.status == 404
         assert "error" in await resp.json()
+        assert resp.headers["x-request-id"].startswith("req_")
 
 
 async def test_malformed_json_body_is_400(pool: Pool, http):

@@ -17,7 +17,14 @@ from aiohttp import web
 from ..errors import Handler, call_with_envelope
 from ..log import access_log
 from ..state import SERVICES, Services
-from .exchange import EXCHANGE, MAX_MODEL_CHARS, Exchange, endpoint_of, metric_endpoint
+from .exchange import (
+    EXCHANGE,
+    MAX_MODEL_CHARS,
+    Exchange,
+    endpoint_of,
+    metric_endpoint,
+    new_request_id,
+)
 
 _LINE = "%s %s %d user=%s key=%s model=%s attempts=%d latency_ms=%.1f"
 
@@ -54,7 +61,8 @@ def accounted(handler: Handler) -> Handler:
 def add_exchange_headers(request: web.Request, response: web.StreamResponse) -> None:
     """Response headers known from admission: the request id and the caller's rate limits."""
     exchange = request.get(EXCHANGE)
-    if exchange is None:
+    if exchange is None:  # refused before it was known who asked (401, unknown path)
+        response.headers.setdefault("x-request-id", new_request_id())
         return
     if exchange.rate_headers:
         response.headers.update(exchange.rate_headers)
