@@ -26,12 +26,35 @@ Limits = LimitSettings
 
 @dataclass(slots=True)
 class UserCounters:
-    starts: deque[float] = field(default_factory=deque)
-    tokens: deque[tuple[float, int]] = field(default_factory=deque)
+    """One user's use of the last minute, kept as per-second buckets.
+
+    At most 60 buckets whatever the request rate, so memory stays flat under load; limits
+    are judged to the second (a bucket leaves the window when its first instant does).
+    """
+
+    # [second, requests started, tokens reported], oldest first
+    window: deque[list[int]] = field(default_factory=deque)
+    requests_in_window: int = 0
     tokens_in_window: int = 0
     day: int = 0
     tokens_today: int = 0
     in_flight: int = 0
+
+    def bucket(self, now: float) -> list[int]:
+        second = int(now)
+        window = self.window
+        if window and window[-1][0] == second:
+            return window[-1]
+        entry = [second, 0, 0]
+        window.append(entry)
+        return entry
+
+    def frees_at(self, index: int) -> float:
+        """When the oldest bucket holding requests (index 1) or tokens (2) leaves the window."""
+        for entry in self.window:
+            if entry[index]:
+                return entry[0] + WINDOW
+        return 0.0
 
 
 class Limiter:
@@ -64,7 +87,8 @@ class Limiter:
                 type="requests",
                 headers=headers,
             )
-        counters.starts.append(now)
+        counters.bucket(now)[1] += 1
+        counters.requests_in_window += 1
         counters.in_flight += 1
         return counters
 
@@ -72,7 +96,7 @@ class Limiter:
         counters.in_flight -= 1
         if tokens:
             self._roll_day(counters, now)
-            counters.tokens.append((now, tokens))
+            counters.bucket(now)[2] += tokens
             counters.tokens_in_window += tokens
             counters.tokens_today += tokens
 
@@ -80,14 +104,14 @@ class Limiter:
         """OpenAI's x-ratelimit-* headers for the caller's own per-minute limits."""
         headers: dict[str, str] = {}
         if limits.rpm is not None:
-            reset = counters.starts[0] + WINDOW - now if counters.starts else 0.0
+            reset = max(0.0, counters.frees_at(1) - now)
             headers["x-ratelimit-limit-requests"] = str(limits.rpm)
             headers["x-ratelimit-remaining-requests"] = str(
-                max(0, limits.rpm - len(counters.starts))
+                max(0, limits.rpm - counters.requests_in_window)
             )
             headers["x-ratelimit-reset-requests"] = _duration(reset)
         if limits.tpm is not None:
-            reset = counters.tokens[0][0] + WINDOW - now if counters.tokens else 0.0
+            reset = max(0.0, counters.frees_at(2) - now)
             headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
             headers["x-ratelimit-remaining-tokens"] = str(
                 max(0, limits.tpm - counters.tokens_in_window)
@@ -103,12 +127,11 @@ class Limiter:
 
     def _trim(self, counters: UserCounters, now: float) -> None:
         horizon = now - WINDOW
-        starts = counters.starts
-        while starts and starts[0] <= horizon:
-            starts.popleft()
-        tokens = counters.tokens
-        while tokens and tokens[0][0] <= horizon:
-            counters.tokens_in_window -= tokens.popleft()[1]
+        window = counters.window
+        while window and window[0][0] <= horizon:
+            _, requests, tokens = window.popleft()
+            counters.requests_in_window -= requests
+            counters.tokens_in_window -= tokens
         self._roll_day(counters, now)
 
     @staticmethod
@@ -127,11 +150,11 @@ def _refusal(counters: UserCounters, limits: Limits, now: float) -> tuple[str, f
             f" {limits.max_concurrent}.",
             1,
         )
-    if limits.rpm is not None and len(counters.starts) >= limits.rpm:
-        wait = counters.starts[0] + WINDOW - now
+    if limits.rpm is not None and counters.requests_in_window >= limits.rpm:
+        wait = counters.frees_at(1) - now
         return f"Rate limit reached: {limits.rpm} requests per minute.", wait
     if limits.tpm is not None and counters.tokens_in_window >= limits.tpm:
-        wait = counters.tokens[0][0] + WINDOW - now if counters.tokens else 1
+        wait = counters.frees_at(2) - now
         return f"Rate limit reached: {limits.tpm} tokens per minute.", wait
     if limits.daily_tokens is not None and counters.tokens_today >= limits.daily_tokens:
         wait = (counters.day + 1) * DAY - now

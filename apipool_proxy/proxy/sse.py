@@ -87,11 +87,15 @@ class UsageTap:
     def feed(self, chunk: bytes) -> bytes:
         """Take bytes from upstream; return the bytes to send to the caller now."""
         data = self._pending + chunk if self._pending else chunk
-        end = max(data.rfind(sep) + len(sep) if sep in data else 0 for sep in _EVENT_ENDS)
-        if end == 0:
-            self._pending = data
-            return b""
-        complete, self._pending = data[:end], data[end:]
+        if data.endswith(b"\n\n"):
+            # The usual case: the upstream sent whole events.
+            complete, self._pending = data, b""
+        else:
+            end = max(data.rfind(sep) + len(sep) if sep in data else 0 for sep in _EVENT_ENDS)
+            if end == 0:
+                self._pending = data
+                return b""
+            complete, self._pending = data[:end], data[end:]
         if self._want_first:
             self._take_first(complete)
         if b'"usage"' not in complete:
