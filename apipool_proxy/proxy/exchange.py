@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from ..accounts import Principal
-from ..log import access_log
 from ..pool import PooledKey
 from ..usage import UsageRecord
 from .sse import TokenCounts
@@ -137,35 +136,6 @@ class Exchange:
             upstream_ms=upstream_ms,
             total_ms=round((now - self.started) * 1000, 2),
             request_id=self.request_id,
-        )
-
-    # TODO(forward._record no longer calls it): remove; proxy/access.py writes the line.
-    def log(self, record: UsageRecord) -> None:
-        access_log.info(
-            "%s %s %d user=%d key=%s model=%s attempts=%d latency_ms=%.1f",
-            self.method,
-            self.path,
-            self.status,
-            record.user_id,
-            record.key_id if record.key_id is not None else "-",
-            self.model or "-",
-            self.attempts,
-            record.total_ms,
-            extra={
-                "fields": {
-                    "request_id": self.request_id,
-                    "method": self.method,
-                    "path": self.path,
-                    "status": self.status,
-                    "user_id": record.user_id,
-                    "key_id": record.key_id,
-                    "model": self.model,
-                    "attempts": self.attempts,
-                    "stream": self.stream,
-                    "total_tokens": record.total_tokens,
-                    "latency_ms": record.total_ms,
-                }
-            },
         )
 
 
