@@ -379,6 +379,26 @@ async def test_websocket_is_relayed_both_ways(pool: Pool, http):
         assert (await ws.receive(timeout=5)).data == b"\x00\x01binary"
     seen = [r for r in pool.up.requests if r.path == "/v1/realtime"]
     assert seen and seen[-1].key in pool.keys
+    # The session counts like any request: one usage row, under its model.
+    status, usage = await pool.alice.call("GET", "/api/usage?group_by=model")
+    assert status == 200
+    rows = {row["group"]: row for row in usage["rows"]}
+    assert rows["gpt-4o-realtime-preview"]["requests"] == 1
+
+
+async def test_websocket_sessions_count_against_concurrency_limits(start_server, http):
+    async with start_server(limits={"max_concurrent": 1}) as server:
+        async for p in make_pool(server, http, models=["gpt-4o-realtime-preview"]):
+            url = (
+                p.server.proxy_url.replace("http", "ws") + "/realtime?model=gpt-4o-realtime-preview"
+            )
+            async with http.ws_connect(url, headers=p.alice.auth) as ws:
+                await ws.send_str("{}")
+                await ws.receive(timeout=5)
+                with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                    async with http.ws_connect(url, headers=p.alice.auth):
+                        pass
+                assert refused.value.status == 429
 
 
 # -- the proxy's own errors, as the SDK sees them --------------------------------------------
@@ -461,7 +481,3 @@ async def test_keys_without_models_are_tried_until_upstream_lists_them(start_ser
             await wait_models_known(p)
             with pytest.raises(openai.NotFoundError):
                 await p.client().chat.completions.create(model="gpt-4o-mini", messages=messages())
-
-
-def _unused(_: aiohttp.ClientSession) -> None:  # keeps the import for type hints
-    pass

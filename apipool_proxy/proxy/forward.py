@@ -82,9 +82,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     if services.draining:
         raise ApiError(503, "The proxy is shutting down; retry shortly.", code="shutting_down")
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        from .websocket import relay_websocket
-
-        return await relay_websocket(request, services, principal)
+        # A WebSocket session (the Realtime API) counts against the caller's limits and
+        # leaves a usage row like any request; its model is in the query string.
+        exchange.model, exchange.stream = request.query.get("model"), True
+        return await _serve(request, services, exchange, None)
 
     raw = await read_body(request, services.settings.proxy.max_body_mb * 1024 * 1024)
     body = inspect_body(request.content_type, raw)
@@ -93,8 +94,12 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(
-    request: web.Request, services: Services, exchange: Exchange, body: RequestBody
+    request: web.Request, services: Services, exchange: Exchange, body: RequestBody | None
 ) -> web.StreamResponse:
+    """Admit the request against the caller's limits, serve it, and record its usage.
+
+    ``body`` is None for a WebSocket upgrade.
+    """
     user = exchange.principal.user
     limiter = services.limiter
     limits = limiter.limits_for(user.limits)
@@ -106,6 +111,11 @@ async def _serve(
         # Sent when the response headers go out (proxy/access.py), so before a stream's
         # first byte; a refusal by the limiter carries its own.
         exchange.rate_headers = limiter.headers(counters, limits, now)
+        if body is None:
+            from .websocket import relay_websocket  # it imports this module
+
+
+            return await relay_websocket(request, services, exchange)
         return await _forward(request, services, exchange, body)
     except ApiError as exc:
         exchange.status = exc.status

@@ -14,12 +14,12 @@ from typing import Any
 import aiohttp
 from aiohttp import WSMsgType, web
 
-from ..accounts import Principal
 from ..errors import ApiError
 from ..log import upstream_log
 from ..pool import NoKeyAvailable, Outcome
 from ..pool.health import Verdict
 from ..state import Services
+from .exchange import Exchange
 from .forward import upstream_url
 from .headers import upstream_request_headers
 
@@ -40,13 +40,14 @@ _CALLER_PROTOCOL_PREFIXES = (
 
 
 async def relay_websocket(
-    request: web.Request, services: Services, principal: Principal
+    request: web.Request, services: Services, exchange: Exchange
 ) -> web.StreamResponse:
-    model = request.query.get("model")
     try:
-        key = services.pool.choose(model, principal.user.id, set(), time.time())
+        key = services.pool.choose(exchange.model, exchange.principal.user.id, set(), time.time())
     except NoKeyAvailable as exc:
         raise ApiError(exc.status, exc.message, code=exc.code) from None
+    exchange.key = key
+    exchange.attempts = 1
     headers = upstream_request_headers(request.headers, key.auth_header)
     for name in _HANDSHAKE:
         headers.popall(name, None)
@@ -83,6 +84,7 @@ async def relay_websocket(
                 max_msg_size=0,
             )
             await caller.prepare(request)
+            exchange.status = 101
             await _pump_both_ways(caller, upstream)
             return caller
     finally:
