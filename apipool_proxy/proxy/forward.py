@@ -114,7 +114,6 @@ async def _serve(
         if body is None:
             from .websocket import relay_websocket  # it imports this module
 
-
             return await relay_websocket(request, services, exchange)
         return await _forward(request, services, exchange, body)
     except ApiError as exc:
