@@ -355,8 +355,8 @@ def _to_ascii(text: str) -> str:
     # minutes on some long crafted inputs (CVE-2024-3651, CVE-2026-45409).
     if len(text) > 253:
         raise UnsafeUpstreamError("base URL has an invalid host name")
-    # UTS 46 mapping as yarl does, so "ＡＰＩ.example" or "１２７.０.０.１" is judged by the
-    # ASCII name that is finally connected to.
+    # UTS 46 mapping as yarl does, so "ＡＰＩ.example" or "１２７.０.０.１" is judged by
+    # the ASCII name that is finally connected to.
     try:
         return idna.encode(text, uts46=True).decode("ascii")
     except UnicodeError:

@@ -70,11 +70,10 @@ def _inspect_json(raw: bytes) -> RequestBody:
         data = json.loads(text)
     except RecursionError:
         raise ApiError(400, "The JSON body is nested too deeply.", code="invalid_json") from None
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
+        where = f"{exc.msg} at position {exc.pos}"
         raise ApiError(
-            400,
-            f"We could not parse the JSON body of your request ({exc.msg} at position {exc.pos}).",  # type: ignore[attr-defined]
-            code="invalid_json",
+            400, f"We could not parse the JSON body of your request ({where}).", code="invalid_json"
         ) from None
     if not isinstance(data, dict):
         return RequestBody(raw, None, None, False)
@@ -85,7 +84,9 @@ def _inspect_json(raw: bytes) -> RequestBody:
 
 
 _MODEL_PART = re.compile(
-    rb'Content-Disposition:[^\r\n]*name="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{0,512})\r\n',
+    rb'Content-Disposition:[^\r\n]*name="model"[^\r\n]*\r\n'  # the part's header line
+    rb"(?:[^\r\n]+\r\n)*\r\n"  # any further headers, then the blank line
+    rb"([^\r\n]{0,512})\r\n",  # the value
     re.IGNORECASE,
 )
 
