@@ -8,7 +8,6 @@ matching exception class (``AuthenticationError`` for 401, ``RateLimitError`` fo
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
@@ -136,8 +135,7 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
     else:
         message = exc.reason or "Bad request."
     headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-    if logging.getLogger("apipool_proxy.server").isEnabledFor(logging.DEBUG):
-        server_log.debug("%s %s -> %s", request.method, request.path, exc.status)
+    server_log.debug("%s %s -> %s", request.method, request.path, exc.status)
     return error_response(
         exc.status, message, code=_HTTP_EXCEPTION_CODES.get(exc.status), headers=headers
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Coroutine
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -260,9 +259,6 @@ class UpstreamKeys:
                 self.pool.set_models(key, models, discovered=True)
                 self.pool.dirty.add(key.id)
         return status
-
-    def discover_soon(self, key: PooledKey) -> Coroutine[Any, Any, Any]:
-        return self.discover(key)
 
     async def refresh_models(self) -> None:
         """Background loop: keys without an owner-given model list re-ask their upstream."""

@@ -97,8 +97,6 @@ def metric_endpoint(endpoint: str) -> str:
 class Exchange:
     request_id: str
     principal: Principal
-    method: str
-    path: str
     endpoint: str
     started: float
     model: str | None = None
@@ -147,8 +145,6 @@ def open_exchange(request: web.Request, principal: Principal) -> Exchange:
     exchange = Exchange(
         request_id=new_request_id(),
         principal=principal,
-        method=request.method,
-        path=request.path,
         endpoint=endpoint_of(request.path),
         started=time.perf_counter(),
     )
