@@ -32,12 +32,15 @@ from aiohttp.resolver import DefaultResolver, ThreadedResolver
 from aiohttp.tracing import Trace
 
 __all__ = (
+    "AddressPolicy",
     "GuardedConnector",
     "GuardedResolver",
     "UnsafeUpstreamError",
     "check_upstream_host",
     "is_public_address",
     "normalize_base_url",
+    "parse_address",
+    "resolve_addresses",
     "refuse_redirected_upgrades",
 )
 
@@ -172,7 +175,7 @@ def _is_bindable(ip: IPAddress) -> bool:
     return True
 
 
-def _parse_address(text: str) -> IPAddress | None:
+def parse_address(text: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(text)
     except ValueError:
@@ -180,7 +183,9 @@ def _parse_address(text: str) -> IPAddress | None:
 
 
 @dataclass(frozen=True)
-class _AddressPolicy:
+class AddressPolicy:
+    """Which addresses and ports upstream connections may dial."""
+
     allow_private_networks: bool
     # Held by reference, not copied: a server told to listen on port 0 learns its real
     # ports only after the upstream session exists, and adds them to this same set.
@@ -197,7 +202,7 @@ class _AddressPolicy:
         return None
 
     def refusal_for_text(self, host: str, port: int) -> str | None:
-        ip = _parse_address(host)
+        ip = parse_address(host)
         return "not an IP address" if ip is None else self.refusal(ip, port)
 
     def open_socket(self, addr_info: AddrInfoType) -> socket.socket:
@@ -436,7 +441,7 @@ async def check_upstream_host(
     rules on every connect, because DNS may answer differently later.
     """
     upstream = _parse_base_url(url, allow_private_networks=allow_private_networks)
-    policy = _AddressPolicy(allow_private_networks, forbidden_ports)
+    policy = AddressPolicy(allow_private_networks, forbidden_ports)
     if upstream.ip is not None:
         addresses = [upstream.ip]
     else:
@@ -451,6 +456,11 @@ async def check_upstream_host(
             )
 
 
+async def resolve_addresses(host: str, port: int) -> list[IPAddress]:
+    """Every address ``host`` resolves to; raises UnresolvableHostError."""
+    return await _resolve(host, port, None)
+
+
 async def _resolve(host: str, port: int, resolver: AbstractResolver | None) -> list[IPAddress]:
     active = resolver or ThreadedResolver()
     try:
@@ -461,7 +471,7 @@ async def _resolve(host: str, port: int, resolver: AbstractResolver | None) -> l
         if resolver is None:
             await active.close()
 
-    addresses = [_parse_address(result["host"]) for result in results]
+    addresses = [parse_address(result["host"]) for result in results]
     if not addresses or None in addresses:
         raise UnresolvableHostError(f"cannot resolve host {host}")
     return [ip for ip in addresses if ip is not None]
@@ -482,7 +492,7 @@ class GuardedResolver(AbstractResolver):
         forbidden_ports: AbstractSet[int] = frozenset(),
         inner: AbstractResolver | None = None,
     ) -> None:
-        self._policy = _AddressPolicy(allow_private_networks, forbidden_ports)
+        self._policy = AddressPolicy(allow_private_networks, forbidden_ports)
         self._inner = inner
 
     async def resolve(
@@ -534,7 +544,7 @@ class GuardedConnector(aiohttp.TCPConnector):
     ) -> None:
         if "socket_factory" in kwargs:
             raise TypeError("GuardedConnector installs its own socket_factory")
-        policy = _AddressPolicy(allow_private_networks, forbidden_ports)
+        policy = AddressPolicy(allow_private_networks, forbidden_ports)
         self._guarded_resolver = GuardedResolver(
             allow_private_networks=allow_private_networks,
             forbidden_ports=forbidden_ports,

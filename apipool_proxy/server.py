@@ -35,6 +35,7 @@ from .proxy import build_proxy_app
 from .state import Services
 from .storage import Database, StorageError
 from .tasks import BackgroundTasks
+from .upstream import UpstreamClient
 from .upstream_keys import UpstreamKeys
 from .usage import WriteBehind
 
@@ -68,7 +69,7 @@ def _display_host(host: str) -> str:
 
 
 async def open_services(settings: Settings, environ: Mapping[str, str]) -> Services:
-    """Open the database, load accounts and keys into memory, create the upstream session."""
+    """Open the database, load accounts and keys into memory, create the upstream clients."""
     try:
         master_key = load_master_key(settings.security.master_key_file, environ)
     except OSError as exc:
@@ -103,7 +104,6 @@ async def _load(settings: Settings, db: Database, master_key: bytes) -> Services
     objects = ObjectRegistry()
     objects.load(await db.all_objects())
     writer = WriteBehind(db)
-    session = _upstream_session(settings, forbidden_ports)
     services = Services(
         settings=settings,
         db=db,
@@ -114,11 +114,11 @@ async def _load(settings: Settings, db: Database, master_key: bytes) -> Services
         limiter=limiter,
         metrics=Metrics(),
         tasks=BackgroundTasks(),
-        session=session,
-        websocket_session=_websocket_session(session),
+        upstream=_upstream_client(settings, forbidden_ports),
+        websocket_session=_websocket_session(settings, forbidden_ports),
         objects=objects,
     )
-    keys.session = services.session
+    keys.upstream = services.upstream
     writer.add_source(keys.save_health)
     writer.add_source(saver(objects, db))
     writer.add_source(lambda: _touch_tokens(services))
@@ -126,13 +126,22 @@ async def _load(settings: Settings, db: Database, master_key: bytes) -> Services
     return services
 
 
-def _upstream_session(settings: Settings, forbidden_ports: set[int]) -> aiohttp.ClientSession:
-    """The one client session every upstream request goes through.
+def _upstream_client(settings: Settings, forbidden_ports: set[int]) -> UpstreamClient:
+    """The one client every plain upstream request goes through (see ``upstream/``)."""
+    upstream = settings.upstream
+    policy = netguard.AddressPolicy(upstream.allow_private_networks, forbidden_ports)
+    return UpstreamClient(
+        policy, connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout
+    )
+
+
+def _websocket_session(settings: Settings, forbidden_ports: set[int]) -> aiohttp.ClientSession:
+    """The aiohttp session for WebSocket upgrades (the Realtime API).
 
     The guarded connector re-checks every address it connects to (DNS rebinding, IP
     literals), cookies are never kept (they would leak between callers), proxies from the
-    environment are ignored, and no total timeout cuts a long generation: only connect and
-    idle-read timeouts apply.
+    environment are ignored, and no total timeout cuts a long session. ``ws_connect`` has
+    no ``allow_redirects`` switch, so a client middleware refuses redirected upgrades.
     """
     upstream = settings.upstream
     connector = netguard.GuardedConnector(
@@ -151,24 +160,6 @@ def _upstream_session(settings: Settings, forbidden_ports: set[int]) -> aiohttp.
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-        auto_decompress=True,
-        skip_auto_headers=("User-Agent",),
-    )
-
-
-def _websocket_session(session: aiohttp.ClientSession) -> aiohttp.ClientSession:
-    """A session for WebSocket upgrades on the same guarded connector.
-
-    ``ws_connect`` has no ``allow_redirects`` switch, so a client middleware refuses
-    redirected upgrades. It lives on this session alone: plain requests never redirect
-    (they pass ``allow_redirects=False``) and should not pay for a middleware each.
-    """
-    return aiohttp.ClientSession(
-        connector=session.connector,
-        connector_owner=False,
-        timeout=session.timeout,
         cookie_jar=aiohttp.DummyCookieJar(),
         trust_env=False,
         skip_auto_headers=("User-Agent",),
@@ -202,14 +193,14 @@ def _watch_gauges(services: Services) -> None:
 
 
 async def close_services(services: Services) -> None:
-    """Stop background work, write what is pending, release the session and the database."""
+    """Stop background work, write what is pending, close upstream connections and the database."""
     await services.tasks.close()
     try:
         await services.writer.flush()
     except Exception:
         server_log.exception("final write of usage failed")
     await services.websocket_session.close()
-    await services.session.close()
+    await services.upstream.close()
     await services.db.close()
 
 
@@ -243,6 +234,7 @@ async def serve(
         services.proxy_url = settings.proxy.public_url or running.proxy_url
         services.tasks.spawn("write-behind", services.writer.run())
         services.tasks.spawn("refresh-models", services.keys.refresh_models())
+        services.tasks.spawn("sweep-idle-connections", services.upstream.sweep_idle())
         yield running
     finally:
         services.draining = True

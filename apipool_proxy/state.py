@@ -15,6 +15,7 @@ from .objects import ObjectRegistry
 from .pool import KeyPool
 from .storage import Database
 from .tasks import BackgroundTasks
+from .upstream import UpstreamClient
 from .upstream_keys import UpstreamKeys
 from .usage import WriteBehind
 
@@ -30,7 +31,7 @@ class Services:
     limiter: Limiter
     metrics: Metrics
     tasks: BackgroundTasks
-    session: aiohttp.ClientSession
+    upstream: UpstreamClient
     websocket_session: aiohttp.ClientSession
     # Which key and member hold each object created through the pool (files, batches...).
     objects: ObjectRegistry = field(default_factory=ObjectRegistry)

@@ -13,8 +13,6 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from . import crypto, netguard
 from .accounts import User
 from .config import Settings
@@ -22,9 +20,12 @@ from .errors import ApiError
 from .log import admin_log, pool_log, redact, secrets
 from .pool import KeyPool, KeyStatus, PooledKey
 from .storage import Database
+from .upstream import UpstreamClient, UpstreamError
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MAX_MODELS = 2000
+DISCOVERY_TIMEOUT = 30.0
+MODELS_BODY_LIMIT = 8 * 1024 * 1024
 
 
 class UpstreamKeys:
@@ -42,7 +43,7 @@ class UpstreamKeys:
         self.pool = pool
         self.settings = settings
         self.forbidden_ports = forbidden_ports
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream: UpstreamClient | None = None
         self._shared_hosts = {h.lower() for h in settings.upstream.shared_hosts}
 
     async def load(self) -> None:
@@ -236,22 +237,22 @@ class UpstreamKeys:
 
     async def discover(self, key: PooledKey) -> int | None:
         """Ask ``GET {base_url}/models``; return the status, or None when unreachable."""
-        if self.session is None:
+        if self.upstream is None:
             return None
-        timeout = aiohttp.ClientTimeout(
-            total=30, sock_connect=self.settings.upstream.connect_timeout
-        )
+        headers = [("Authorization", key.auth_header), ("Accept", "application/json")]
         try:
-            async with self.session.get(
-                key.base_url + "/models",
-                headers={"Authorization": key.auth_header},
-                timeout=timeout,
-                allow_redirects=False,
-            ) as resp:
-                status = resp.status
-                body = await resp.read() if status == 200 else b""
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            pool_log.info("key %d: cannot list models: %s", key.id, redact(str(exc)) or "timeout")
+            async with asyncio.timeout(DISCOVERY_TIMEOUT):
+                answer = await self.upstream.request("GET", key.base_url, "/models", headers)
+                try:
+                    status = answer.status
+                    body = await answer.read(MODELS_BODY_LIMIT) if status == 200 else b""
+                finally:
+                    answer.release()
+        except TimeoutError:
+            pool_log.info("key %d: cannot list models: upstream timed out", key.id)
+            return None
+        except UpstreamError as exc:
+            pool_log.info("key %d: cannot list models: %s", key.id, exc.describe)
             return None
         if status == 200:
             models = _model_ids(body)

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..errors import Handler, call_with_envelope
-from ..log import access_log
+from ..log import access_lines, redact_field
 from ..state import SERVICES, Services
 from .exchange import (
     EXCHANGE,
@@ -25,8 +25,6 @@ from .exchange import (
     metric_endpoint,
     new_request_id,
 )
-
-_LINE = "%s %s %d user=%s key=%s model=%s attempts=%d latency_ms=%.1f"
 
 
 def accounted(handler: Handler) -> Handler:
@@ -91,48 +89,42 @@ def _log(
     as_json: bool,
 ) -> None:
     # The path as sent (still percent-encoded): a decoded %0A would start a forged line.
-    path = request.rel_url.raw_path
-    user_id = exchange.principal.user.id if exchange else None
-    key_id = exchange.key.id if exchange and exchange.key else None
-    model = _printable(exchange.model) if exchange and exchange.model else None
-    attempts = exchange.attempts if exchange else 0
-    extra = _json_fields(request, exchange, path, status, latency_ms) if as_json else None
-    access_log.info(
-        _LINE,
-        request.method,
-        path,
-        status,
-        _dash(user_id),
-        _dash(key_id),
-        _dash(model),
-        attempts,
-        latency_ms,
-        extra=extra,
+    # The caller chose the method, the path and the model, so those are redacted here.
+    method = redact_field(request.method)
+    path = redact_field(request.rel_url.raw_path)
+    model = redact_field(_printable(exchange.model)) if exchange and exchange.model else "-"
+    if exchange is None:
+        user, key, attempts = "-", "-", 0
+    else:
+        user = str(exchange.principal.user.id)
+        key = str(exchange.key.id) if exchange.key else "-"
+        attempts = exchange.attempts
+    message = (
+        f"{method} {path} {status} user={user} key={key} model={model}"
+        f" attempts={attempts} latency_ms={latency_ms:.1f}"
     )
+    fields = _json_fields(exchange, method, path, model, status, latency_ms) if as_json else None
+    access_lines.write(message, fields)
 
 
 def _json_fields(
-    request: web.Request, exchange: Exchange | None, path: str, status: int, latency_ms: float
+    exchange: Exchange | None, method: str, path: str, model: str, status: int, latency_ms: float
 ) -> dict[str, Any]:
     """The line's values as JSON fields (built only for ``log.format: json``)."""
     fields: dict[str, Any] = {
         "request_id": exchange.request_id if exchange else None,
-        "method": request.method,
+        "method": method,
         "path": path,
         "status": status,
         "user_id": exchange.principal.user.id if exchange else None,
         "key_id": exchange.key.id if exchange and exchange.key else None,
-        "model": _printable(exchange.model) if exchange and exchange.model else None,
+        "model": None if model == "-" else model,
         "attempts": exchange.attempts if exchange else 0,
         "stream": exchange.stream if exchange else False,
         "total_tokens": exchange.tokens.total if exchange and exchange.tokens else None,
         "latency_ms": round(latency_ms, 1),
     }
-    return {"fields": fields}
-
-
-def _dash(value: object) -> object:
-    return "-" if value is None else value
+    return fields
 
 
 def _printable(text: str) -> str:

@@ -8,15 +8,12 @@ committed: a stream that breaks ends with one SSE error event, never with a sile
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from ..errors import ApiError, error_body
 from ..limits import UserCounters
@@ -24,6 +21,7 @@ from ..log import REDACTED, redact, upstream_log
 from ..pool import KeyStatus, NoKeyAvailable, Outcome, PooledKey, classify_response
 from ..pool.health import RETRYABLE, Verdict
 from ..state import SERVICES, Services
+from ..upstream import UpstreamError, UpstreamResponse
 from . import sticky
 from .access import add_exchange_headers
 from .body import RequestBody, inspect_body, read_body
@@ -35,9 +33,8 @@ from .sse import JsonTap, UsageTap, usage_from
 # write; anything else is relayed chunk by chunk as it arrives.
 BUFFER_LIMIT = 4 * 1024 * 1024
 ERROR_BODY_LIMIT = 1024 * 1024
-LARGE_BODY = 1024 * 1024
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+UPSTREAM_FAILURES = (UpstreamError, asyncio.TimeoutError, OSError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,17 +195,14 @@ async def _attempt(
     exchange.key = key
     services.metrics.attempts += 1
     payload, injected = _payload_for(key, exchange, body)
-    url = upstream_url(key, request)
+    tail = upstream_tail(request)
     headers = upstream_request_headers(request.headers, key.auth_header)
     key.begin()
     try:
         exchange.upstream_started = time.perf_counter()
-        # aiohttp sends bodies over 1 MiB given as bytes in one blocking write (and warns);
-        # a file-like object is streamed instead.
-        data: bytes | io.BytesIO = payload if len(payload) < LARGE_BODY else io.BytesIO(payload)
         try:
-            upstream = await services.session.request(
-                request.method, url, headers=headers, data=data, allow_redirects=False
+            upstream = await services.upstream.request(
+                request.method, key.base_url, tail, headers, payload
             )
         except UPSTREAM_FAILURES as exc:
             reason = _describe_failure(exc)
@@ -229,7 +223,7 @@ async def _answer(
     services: Services,
     exchange: Exchange,
     key: PooledKey,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     injected: bool,
 ) -> web.StreamResponse | Failure:
     status = upstream.status
@@ -291,27 +285,26 @@ def _payload_for(key: PooledKey, exchange: Exchange, body: RequestBody) -> tuple
         return body.raw, False  # too deep to re-encode: send as asked, tokens unknown
 
 
-def upstream_url(key: PooledKey, request: web.Request) -> URL:
-    # The raw path keeps the caller's encoding (a %2F stays %2F); the query passes as is.
+def upstream_tail(request: web.Request) -> str:
+    """What follows the key's base URL: the raw path after "/v1", with its query.
+
+    The raw path keeps the caller's encoding (a %2F stays %2F). The upstream client joins
+    it to the base URL's path only, so it can never change the host or port.
+    """
     tail = request.raw_path[3:]
-    if _has_dot_segment(tail):
-        raise ApiError(
-            400, "The request path must not contain '.' or '..' segments.", code="invalid_path"
-        )
-    text = key.base_url + tail
-    url = _URL_CACHE.get(text)
-    if url is None:
-        url = URL(text, encoded=True)
-        if url.raw_host != key.host:
-            raise ApiError(400, "The request path is not valid.", code="invalid_path")
-        if len(_URL_CACHE) >= 1024:
-            _URL_CACHE.clear()  # bounded: paths with object ids are many and seen once
-        _URL_CACHE[text] = url
-    return url
+    if tail not in _CHECKED_TAILS:
+        if _has_dot_segment(tail):
+            raise ApiError(
+                400, "The request path must not contain '.' or '..' segments.", code="invalid_path"
+            )
+        if len(_CHECKED_TAILS) >= 1024:
+            _CHECKED_TAILS.clear()  # bounded: paths with object ids are many and seen once
+        _CHECKED_TAILS.add(tail)
+    return tail
 
 
-# Parsed upstream URLs: most requests hit the same few ("{base}/chat/completions").
-_URL_CACHE: dict[str, URL] = {}
+# Paths already found free of dot segments: most requests use the same few.
+_CHECKED_TAILS: set[str] = set()
 
 
 def _has_dot_segment(tail: str) -> bool:
@@ -320,9 +313,9 @@ def _has_dot_segment(tail: str) -> bool:
     return any(seg in (".", "..") for seg in path.split("/"))
 
 
-async def _read_error_body(upstream: aiohttp.ClientResponse) -> bytes:
+async def _read_error_body(upstream: UpstreamResponse) -> bytes:
     try:
-        return await upstream.content.read(ERROR_BODY_LIMIT)
+        return await upstream.read(ERROR_BODY_LIMIT)
     except UPSTREAM_FAILURES:
         return b""
 
@@ -347,12 +340,10 @@ def _status_words(status: int, verdict: Verdict) -> str:
 
 
 def _describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ServerTimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, UpstreamError):
+        return exc.describe
+    if isinstance(exc, asyncio.TimeoutError):
         return "upstream timed out"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "cannot connect to upstream"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return "upstream closed the connection"
     return "upstream request failed"
 
 
@@ -393,16 +384,15 @@ def _all_failed(
 
 
 async def _relay(
-    request: web.Request, exchange: Exchange, upstream: aiohttp.ClientResponse, injected: bool
+    request: web.Request, exchange: Exchange, upstream: UpstreamResponse, injected: bool
 ) -> web.StreamResponse:
     headers = caller_response_headers(upstream.headers, exchange.request_id)
     content_type = upstream.headers.get("Content-Type", "")
+    # A compressed answer comes without a length (its decoded size is unknown), so it is
+    # streamed with bounded memory rather than read whole.
     length = upstream.content_length
     is_sse = content_type.startswith("text/event-stream")
-    # A compressed answer's length says nothing of its decoded size, so it is streamed
-    # (bounded memory) rather than read whole.
-    encoded = "Content-Encoding" in upstream.headers
-    if not is_sse and not encoded and length is not None and length <= BUFFER_LIMIT:
+    if not is_sse and length is not None and length <= BUFFER_LIMIT:
         data = await upstream.read()
         if b'"usage"' in data and content_type.startswith("application/json"):
             exchange.tokens = _usage_of(data)
@@ -440,7 +430,7 @@ def _usage_of(data: bytes) -> Any:
 async def _relay_stream(
     request: web.Request,
     exchange: Exchange,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     headers: Any,
     is_sse: bool,
     injected: bool,
@@ -454,7 +444,7 @@ async def _relay_stream(
     is_json = upstream.headers.get("Content-Type", "").startswith("application/json")
     json_tap = JsonTap(BUFFER_LIMIT) if is_json else None
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in upstream.iter_chunks():
             if watch is not None and tap is None:
                 watch.feed(chunk)
             if json_tap is not None:

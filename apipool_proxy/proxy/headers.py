@@ -8,7 +8,7 @@ passes, so endpoints we never heard of keep working.
 
 from __future__ import annotations
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping, istr
 
 # The sets below hold lower-case names; every lookup lower-cases the header name first.
 
@@ -31,7 +31,7 @@ _DROP_FROM_CALLER = HOP_BY_HOP | frozenset(
     (
         "host",
         "content-length",  # recomputed for the replayed body
-        "accept-encoding",  # the upstream session negotiates its own and decodes
+        "accept-encoding",  # the upstream client negotiates its own and decodes
         "authorization",  # the caller's pool token; the pooled key replaces it
         "api-key",
         "x-api-key",
@@ -47,7 +47,6 @@ _DROP_FROM_CALLER = HOP_BY_HOP | frozenset(
 _DROP_FROM_UPSTREAM = HOP_BY_HOP | frozenset(
     (
         "content-length",  # aiohttp frames the body it sends
-        "content-encoding",  # the body was decoded on the way in
         "set-cookie",
         "openai-organization",
         "openai-project",
@@ -62,21 +61,25 @@ REQUEST_ID = istr("x-request-id")
 UPSTREAM_REQUEST_ID = istr("x-upstream-request-id")
 
 
-def upstream_request_headers(caller: CIMultiDictProxy[str], auth_header: str) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
+def upstream_request_headers(
+    caller: CIMultiDictProxy[str], auth_header: str
+) -> list[tuple[str, str]]:
+    """The caller's headers as sent upstream (Host, Content-Length and Accept-Encoding are
+    added by the upstream client)."""
     connection_named = _connection_tokens(caller)
+    out = []
     for name, value in caller.items():
         lowered = name.lower()
         if lowered in _DROP_FROM_CALLER or lowered.startswith("x-forwarded-"):
             continue
         if connection_named and lowered in connection_named:
             continue
-        out.add(name, value)
-    out["Authorization"] = auth_header
+        out.append((name, value))
+    out.append(("Authorization", auth_header))
     return out
 
 
-def caller_response_headers(upstream: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+def caller_response_headers(upstream: MultiMapping[str], request_id: str) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lowered = name.lower()

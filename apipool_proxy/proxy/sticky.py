@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from yarl import URL
 
@@ -44,6 +43,7 @@ from ..objects import (
 from ..pool import KeyStatus, Outcome, PooledKey, classify_response
 from ..pool.health import RETRYABLE, Verdict
 from ..state import Services
+from ..upstream import UpstreamError, UpstreamResponse
 from .body import RequestBody, multipart_fields
 from .exchange import Exchange
 from .headers import upstream_request_headers
@@ -79,7 +79,7 @@ PAGE_SIZE = 100  # what the list endpoints accept at most (files accept more)
 MAX_PAGES = 20  # per key and list request: at most 2,000 upstream objects looked through
 PAGE_BODY_LIMIT = 16 * 1024 * 1024
 MAX_LIMIT = 10000
-UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
+UPSTREAM_FAILURES = (UpstreamError, asyncio.TimeoutError, OSError)
 
 
 @dataclass(slots=True, eq=False)
@@ -447,15 +447,18 @@ async def _fetch_page(
     params.append(("limit", str(PAGE_SIZE)))
     if after is not None:
         params.append(("after", after))
-    url = URL(key.base_url + "/" + "/".join(path_segments(request.path))).with_query(params)
+    tail = URL.build(path="/" + "/".join(path_segments(request.path)), query=params).raw_path_qs
     headers = upstream_request_headers(request.headers, key.auth_header)
     exchange.attempts += 1
     services.metrics.attempts += 1
     key.begin()
     try:
-        async with services.session.get(url, headers=headers, allow_redirects=False) as upstream:
+        upstream = await services.upstream.request("GET", key.base_url, tail, headers)
+        try:
             status, answer_headers = upstream.status, upstream.headers
             raw = await _read_limited(upstream)
+        finally:
+            upstream.release()
     except UPSTREAM_FAILURES:
         services.pool.record(key, Verdict(Outcome.SERVER_ERROR), "list failed", time.time())
         raise ApiError(
@@ -471,10 +474,10 @@ async def _fetch_page(
     return _page_items(raw)
 
 
-async def _read_limited(upstream: aiohttp.ClientResponse) -> bytes:
+async def _read_limited(upstream: UpstreamResponse) -> bytes:
     chunks: list[bytes] = []
     size = 0
-    async for chunk in upstream.content.iter_any():
+    async for chunk in upstream.iter_chunks():
         size += len(chunk)
         if size > PAGE_BODY_LIMIT:
             raise ApiError(502, "An upstream list answer was too large.", code="upstream_error")

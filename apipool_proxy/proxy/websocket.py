@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
+from yarl import URL
 
 from ..errors import ApiError
 from ..log import upstream_log
@@ -20,16 +21,20 @@ from ..pool import NoKeyAvailable, Outcome
 from ..pool.health import Verdict
 from ..state import Services
 from .exchange import Exchange
-from .forward import upstream_url
+from .forward import upstream_tail
 from .headers import upstream_request_headers
 
 # Headers of the caller's upgrade that must not be replayed: aiohttp writes its own
 # handshake (key, version, extensions) for the upstream connection.
-_HANDSHAKE = (
-    "sec-websocket-key",
-    "sec-websocket-version",
-    "sec-websocket-extensions",
-    "sec-websocket-accept",
+# Set by aiohttp for its own handshake; the protocol list is rebuilt by _upstream_protocols.
+_HANDSHAKE = frozenset(
+    (
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-accept",
+        "sec-websocket-protocol",
+    )
 )
 
 _CALLER_PROTOCOL_PREFIXES = (
@@ -48,12 +53,13 @@ async def relay_websocket(
         raise ApiError(exc.status, exc.message, code=exc.code) from None
     exchange.key = key
     exchange.attempts = 1
-    headers = upstream_request_headers(request.headers, key.auth_header)
-    for name in _HANDSHAKE:
-        headers.popall(name, None)
+    headers = [
+        (name, value)
+        for name, value in upstream_request_headers(request.headers, key.auth_header)
+        if name.lower() not in _HANDSHAKE
+    ]
     protocols = _upstream_protocols(request.headers.get("Sec-WebSocket-Protocol", ""))
-    headers.popall("Sec-WebSocket-Protocol", None)
-    url = upstream_url(key, request)
+    url = URL(key.base_url + upstream_tail(request), encoded=True)
     key.begin()
     try:
         try:

@@ -1,0 +1,21 @@
+"""HTTP/1.1 requests to upstreams: connections, keep-alive, timeouts and the address guard."""
+
+from .client import UpstreamClient
+from .connection import UpstreamResponse
+from .errors import (
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+__all__ = (
+    "UpstreamClient",
+    "UpstreamClosed",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+)

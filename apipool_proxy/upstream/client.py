@@ -1,0 +1,256 @@
+"""The one HTTP client every plain upstream request goes through.
+
+A small HTTP/1.1 client on asyncio protocols rather than aiohttp's ClientSession: measured on
+the proxy's hot path, ClientSession spent more time per request than the whole rest of a
+minimal aiohttp pass-through (building request objects, tracing hooks, cookie handling,
+per-read timers). This client does only what a reverse proxy needs:
+
+- keep-alive connections per origin, newest first, closed after KEEPALIVE_SECONDS idle;
+- a request sent again on a new connection when a kept-alive one turns out closed before a
+  byte came back (servers close idle connections at will);
+- connect and idle-read timeouts, but no total timeout, so long generations are never cut;
+- gzip and deflate answers decoded in bounded slices;
+- every address checked by the upstream guard (``netguard``) right before it is dialled,
+  and the socket connected to that very address, so DNS rebinding gains nothing;
+- no cookies, no redirects followed, no proxies from the environment.
+
+WebSocket upgrades (the Realtime API) use aiohttp's client instead; see ``server.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from ..log import upstream_log
+from ..netguard import (
+    AddressPolicy,
+    IPAddress,
+    UnresolvableHostError,
+    parse_address,
+    resolve_addresses,
+)
+from .connection import UpstreamConnection, UpstreamResponse
+from .errors import StaleConnection, UpstreamConnectError, UpstreamError, UpstreamTimeout
+
+KEEPALIVE_SECONDS = 15.0
+MAX_IDLE_PER_ORIGIN = 512
+DNS_TTL_SECONDS = 10.0
+SWEEP_SECONDS = 5.0
+_BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+@dataclass(eq=False)
+class Origin:
+    """Scheme, host and port: where a connection goes, with its idle connections."""
+
+    scheme: str
+    host: str  # lower case; an IPv6 literal without brackets
+    port: int
+    host_header: str
+    idle: list[UpstreamConnection] = field(default_factory=list)
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        policy: AddressPolicy,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self._policy = policy
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._ssl = ssl_context or _default_ssl_context()
+        self._origins: dict[str, tuple[Origin, str]] = {}
+        self._addresses: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        self._closed = False
+
+    async def request(
+        self,
+        method: str,
+        base_url: str,
+        tail: str,
+        headers: Iterable[tuple[str, str]],
+        body: bytes = b"",
+    ) -> UpstreamResponse:
+        """Send ``method base_url+tail`` and return the answer once its headers are in.
+
+        ``tail`` is appended to the base URL's path as it is (already percent-encoded).
+        ``release()`` the answer when done with it. Raises UpstreamError.
+        """
+        origin, base_path = self._origin(base_url)
+        target = base_path + tail
+        if not target.startswith("/"):
+            target = "/" + target
+        head = _request_head(method, target, origin.host_header, headers, body)
+        head_only = method == "HEAD"
+        connection = self._idle_connection(origin)
+        if connection is not None:
+            try:
+                return await connection.send(head, body, head_only)
+            except StaleConnection:
+                upstream_log.debug(
+                    "kept-alive connection to %s was closed; reconnecting", origin.host
+                )
+        connection = await self._connect(origin)
+        return await connection.send(head, body, head_only)
+
+    async def close(self) -> None:
+        self._closed = True
+        for origin, _ in self._origins.values():
+            while origin.idle:
+                origin.idle.pop().close()
+
+    async def sweep_idle(self) -> None:
+        """Background loop: close connections idle for longer than KEEPALIVE_SECONDS."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            cutoff = loop.time() - KEEPALIVE_SECONDS
+            for origin, _ in list(self._origins.values()):
+                keep = []
+                for connection in origin.idle:
+                    if connection.closed or connection.idle_since < cutoff:
+                        connection.close()
+                    else:
+                        keep.append(connection)
+                origin.idle[:] = keep
+
+    # -- connections -------------------------------------------------------------------------
+
+    def _origin(self, base_url: str) -> tuple[Origin, str]:
+        known = self._origins.get(base_url)
+        if known is not None:
+            return known
+        parts = urlsplit(base_url)
+        scheme = parts.scheme.lower()
+        if scheme not in _DEFAULT_PORTS or not parts.hostname:
+            raise UpstreamConnectError()
+        host = parts.hostname
+        port = parts.port or _DEFAULT_PORTS[scheme]
+        shown = f"[{host}]" if ":" in host else host
+        host_header = shown if port == _DEFAULT_PORTS[scheme] else f"{shown}:{port}"
+        # Keys sharing a scheme, host and port share their connections too.
+        for origin, _ in self._origins.values():
+            if (origin.scheme, origin.host, origin.port) == (scheme, host, port):
+                break
+        else:
+            origin = Origin(scheme, host, port, host_header)
+        known = (origin, parts.path.rstrip("/"))
+        self._origins[base_url] = known
+        return known
+
+    def _idle_connection(self, origin: Origin) -> UpstreamConnection | None:
+        idle = origin.idle
+        if not idle:
+            return None
+        cutoff = asyncio.get_running_loop().time() - KEEPALIVE_SECONDS
+        while idle:
+            connection = idle.pop()
+            if not connection.closed and connection.idle_since > cutoff:
+                return connection
+            connection.close()
+        return None
+
+    def _reusable(self, connection: UpstreamConnection) -> None:
+        origin = connection.origin
+        if self._closed or len(origin.idle) >= MAX_IDLE_PER_ORIGIN:
+            connection.close()
+            return
+        connection.idle_since = asyncio.get_running_loop().time()
+        origin.idle.append(connection)
+
+    async def _connect(self, origin: Origin) -> UpstreamConnection:
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                addresses = await self._allowed_addresses(origin)
+                return await self._dial(origin, addresses)
+        except TimeoutError:
+            raise UpstreamTimeout() from None
+
+    async def _dial(self, origin: Origin, addresses: list[str]) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        tls = self._ssl if origin.scheme == "https" else None
+        for address in addresses:
+            try:
+                _, connection = await loop.create_connection(
+                    lambda: UpstreamConnection(loop, origin, self._read_timeout),
+                    address,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls else None,
+                )
+            except OSError as exc:  # ssl.SSLError included
+                upstream_log.debug("connect to %s (%s) failed: %s", origin.host, address, exc)
+                continue
+            connection.on_reusable = self._reusable
+            return connection
+        raise UpstreamConnectError()
+
+    async def _allowed_addresses(self, origin: Origin) -> list[str]:
+        """The host's addresses the guard allows, looked up at most every DNS_TTL_SECONDS."""
+        loop = asyncio.get_running_loop()
+        where = (origin.host, origin.port)
+        cached = self._addresses.get(where)
+        if cached is not None and cached[0] > loop.time():
+            return cached[1]
+        found = await _resolve(origin.host, origin.port)
+        allowed = []
+        for ip in found:
+            address = str(ip)
+            reason = self._policy.refusal(ip, origin.port)
+            if reason is None:
+                allowed.append(address)
+            else:
+                upstream_log.warning(
+                    "upstream guard refused %s port %d (%s): %s",
+                    origin.host,
+                    origin.port,
+                    address,
+                    reason,
+                )
+        if not allowed:
+            raise UpstreamConnectError()
+        self._addresses[where] = (loop.time() + DNS_TTL_SECONDS, allowed)
+        return allowed
+
+
+async def _resolve(host: str, port: int) -> list[IPAddress]:
+    ip = parse_address(host)
+    if ip is not None:
+        return [ip]
+    try:
+        found = await resolve_addresses(host, port)
+    except UnresolvableHostError:
+        upstream_log.info("cannot resolve upstream host %s", host)
+        raise UpstreamConnectError() from None
+    return list(dict.fromkeys(found))  # once each, in the resolver's order
+
+
+def _request_head(
+    method: str, target: str, host: str, headers: Iterable[tuple[str, str]], body: bytes
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", "Host: " + host]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if body or method in _BODY_METHODS:
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append("Accept-Encoding: gzip, deflate")
+    head = "\r\n".join(lines) + "\r\n\r\n"
+    # A line break inside a name or value would let it write headers, or a second request,
+    # of its own choosing: such a request is never sent.
+    if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1:
+        raise UpstreamError("a header holds a line break")
+    return head.encode("utf-8", "surrogateescape")
+
+
+def _default_ssl_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.set_alpn_protocols(["http/1.1"])
+    return context

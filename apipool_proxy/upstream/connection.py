@@ -1,0 +1,395 @@
+"""One HTTP/1.1 connection to an upstream, and the answer arriving on it.
+
+The answer is parsed by llhttp (through httptools) as bytes arrive. Its body waits in a
+small queue until the relay takes it; when the queue grows past HIGH_WATER the socket stops
+being read, so a slow caller slows the upstream down instead of filling memory.
+
+Timeouts cost one timer per request, not one per read: every read stamps the time, and the
+timer, when it fires, either finds the connection silent for ``read_timeout`` or re-arms
+itself for the rest of the interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+import httptools
+from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from .client import Origin
+
+from .errors import (
+    StaleConnection,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+# A compressed piece is inflated at most this much at a time, so a "zip bomb" answer is
+# handed on in bounded slices (and stopped by whoever reads it) instead of all at once.
+INFLATE_SLICE = 256 * 1024
+DECODABLE = frozenset(("gzip", "x-gzip", "deflate"))
+# Small requests go out in one write; big ones skip the copy that joining them would cost.
+JOIN_LIMIT = 64 * 1024
+
+
+class UpstreamResponse:
+    """Status, headers and body of one upstream answer; ``release()`` when done with it.
+
+    When the body was compressed with gzip or deflate it is handed out decoded, and the
+    headers no longer carry Content-Encoding or Content-Length (``content_length`` is None).
+    """
+
+    __slots__ = (
+        "status",
+        "reason",
+        "headers",
+        "content_length",
+        "_connection",
+        "_chunks",
+        "_buffered",
+        "_done",
+        "_error",
+        "_waiter",
+        "_encoding",
+        "_received",
+    )
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        self.status = 0
+        self.reason = ""
+        self.headers: CIMultiDict[str] = CIMultiDict()
+        self.content_length: int | None = None
+        self._connection = connection
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._done = False
+        self._error: UpstreamError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._encoding: str | None = None
+        self._received = False  # any byte of this answer at all
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The whole body, or its first ``limit`` bytes (the rest is left unread)."""
+        parts: list[bytes] = []
+        size = 0
+        async for chunk in self.iter_chunks():
+            parts.append(chunk)
+            size += len(chunk)
+            if limit is not None and size >= limit:
+                return b"".join(parts)[:limit]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """The body piece by piece as it arrives, decoded when it was compressed."""
+        if self._encoding is None:
+            while True:
+                chunk = await self._next_piece()
+                if not chunk:
+                    return
+                yield chunk
+        inflater = _inflater(self._encoding)
+        while True:
+            chunk = await self._next_piece()
+            if not chunk:
+                break
+            try:
+                out = inflater.decompress(chunk, INFLATE_SLICE)
+                while out:
+                    yield out
+                    out = inflater.decompress(inflater.unconsumed_tail, INFLATE_SLICE)
+            except zlib.error:
+                raise UpstreamProtocolError("undecodable compressed answer") from None
+        rest = inflater.flush()
+        if rest:
+            yield rest
+
+    async def _next_piece(self) -> bytes:
+        chunks = self._chunks
+        while not chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunk = chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._buffered < LOW_WATER:
+            self._connection.resume_reading()
+        return chunk
+
+    def release(self) -> None:
+        """Hand the connection back for reuse when the answer was read to its end, else close."""
+        self._connection.finish(self._done and self._error is None)
+
+    # -- fed by the connection -------------------------------------------------------------
+
+    def _headers_complete(self, status: int) -> None:
+        self.status = status
+        headers = self.headers
+        length = headers.get("Content-Length")
+        if length is not None and length.isdigit():
+            self.content_length = int(length)
+        encoding = headers.get("Content-Encoding", "").strip().lower()
+        if encoding in DECODABLE:
+            self._encoding = encoding
+            self.content_length = None
+            del headers["Content-Encoding"]
+            headers.popall("Content-Length", None)
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER:
+            self._connection.pause_reading()
+        self._wake()
+
+    def _complete(self) -> None:
+        self._done = True
+        self._wake()
+
+    def _fail(self, error: UpstreamError) -> None:
+        if not self._done and self._error is None:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+def _inflater(encoding: str) -> zlib._Decompress:
+    # wbits 47 reads both gzip and zlib headers; "deflate" is zlib-wrapped by the RFC,
+    # though some servers send it raw, which a first byte without a zlib header betrays.
+    if encoding == "deflate":
+        return _DeflateInflater()  # type: ignore[return-value]
+    return zlib.decompressobj(wbits=47)
+
+
+class _DeflateInflater:
+    """A decompressobj for "deflate" that decides between zlib and raw on the first byte."""
+
+    def __init__(self) -> None:
+        self._inner: zlib._Decompress | None = None
+
+    @property
+    def unconsumed_tail(self) -> bytes:
+        return self._inner.unconsumed_tail if self._inner is not None else b""
+
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        if self._inner is None:
+            zlib_header = bool(data) and data[0] & 0x0F == 8 and int.from_bytes(data[:2]) % 31 == 0
+            self._inner = zlib.decompressobj(wbits=15 if zlib_header else -15)
+        return self._inner.decompress(data, max_length)
+
+    def flush(self) -> bytes:
+        return self._inner.flush() if self._inner is not None else b""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """An asyncio protocol carrying one request at a time; reused while the server allows."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, origin: Origin, read_timeout: float):
+        self.origin = origin  # the pool it returns to
+        self.reused = False
+        self.idle_since = 0.0
+        self.closed = False
+        self._loop = loop
+        self._read_timeout = read_timeout
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._response: UpstreamResponse | None = None
+        self._headers_waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._head_only = False
+        self._keep_alive = False
+        self._paused = False
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        # Set by the client: where a connection goes when its answer was read to the end.
+        self.on_reusable: Callable[[UpstreamConnection], None] | None = None
+
+    # -- used by the client ----------------------------------------------------------------
+
+    async def send(self, head: bytes, body: bytes, head_only: bool) -> UpstreamResponse:
+        """Write one request and wait for the answer's headers."""
+        transport = self._transport
+        if self.closed or transport is None or transport.is_closing():
+            raise StaleConnection()
+        response = UpstreamResponse(self)
+        self._response = response
+        self._head_only = head_only
+        self._keep_alive = False
+        waiter = self._loop.create_future()
+        self._headers_waiter = waiter
+        self._last_read = self._loop.time()
+        self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_silence)
+        if len(body) < JOIN_LIMIT:
+            transport.write(head + body)
+        else:
+            transport.write(head)
+            transport.write(body)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            self._abort()
+            raise
+
+    def finish(self, reusable: bool) -> None:
+        """The answer was taken: back to the pool if possible, otherwise closed."""
+        self._stop_timer()
+        self._response = None
+        if reusable and self._keep_alive and not self.closed:
+            self.resume_reading()
+            self.reused = True
+            if self.on_reusable is not None:
+                self.on_reusable(self)
+            return
+        self._abort()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def pause_reading(self) -> None:
+        if not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._last_read = self._loop.time()  # a pause was ours, not the upstream's silence
+            self._transport.resume_reading()
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self._response is None:
+            self._abort()  # bytes nobody asked for: the connection cannot be trusted
+            return
+        self._last_read = self._loop.time()
+        self._response._received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._fail(UpstreamProtocolError())
+            self._abort()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._stop_timer()
+        response = self._response
+        if response is None:
+            return
+        if response.status and self._reads_until_close(response):
+            response._complete()  # a body without length or chunks ends with the connection
+        elif response._received:
+            self._fail(UpstreamClosed())
+        else:
+            self._fail(StaleConnection() if self.reused else UpstreamClosed())
+
+    # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        if self._response is not None:
+            self._response.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._response is not None:
+            self._response.headers.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
+
+    def on_headers_complete(self) -> None:
+        response = self._response
+        if response is None:
+            return
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            response.headers.clear()  # 100 Continue, 103 Early Hints: the real answer follows
+            return
+        self._keep_alive = self._parser.should_keep_alive() and not self._head_only
+        try:
+            response._headers_complete(status)
+        except ValueError:
+            self._fail(UpstreamProtocolError())
+            return
+        if self._head_only:
+            response._complete()  # no body follows, whatever Content-Length says
+        waiter = self._headers_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        if self._response is not None:
+            self._response._feed(body)
+
+    def on_message_complete(self) -> None:
+        response = self._response
+        if response is None or not response.status:
+            return  # the end of an informational answer
+        self._stop_timer()
+        response._complete()
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _reads_until_close(self, response: UpstreamResponse) -> bool:
+        if response._done or response._error is not None:
+            return False
+        headers = response.headers
+        return "Content-Length" not in headers and "chunked" not in headers.get(
+            "Transfer-Encoding", ""
+        )
+
+    def _fail(self, error: UpstreamError) -> None:
+        waiter = self._headers_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        if self._response is not None:
+            self._response._fail(error)
+
+    def _check_silence(self) -> None:
+        self._timer = None
+        if self._response is None:
+            return
+        due = self._last_read + self._read_timeout
+        if self._paused or due > self._loop.time():
+            # Our own pause is not the upstream's silence; otherwise wait out the rest.
+            base = self._loop.time() if self._paused else due
+            self._timer = self._loop.call_at(
+                base + (self._read_timeout if self._paused else 0), self._check_silence
+            )
+            return
+        self._fail(UpstreamTimeout())
+        self._abort()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _abort(self) -> None:
+        self.closed = True
+        self._stop_timer()
+        if self._transport is not None:
+            self._transport.abort()
