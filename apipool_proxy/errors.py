@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -108,11 +109,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     return await call_with_envelope(request, handler)
 
 
-async def call_with_envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Run ``handler``, answering any failure with the envelope (what error_middleware does,
-    callable from another middleware to spare the request path a layer)."""
+async def call_with_envelope(
+    request: web.BaseRequest, handler: Callable[..., Awaitable[web.StreamResponse]], *args: Any
+) -> web.StreamResponse:
+    """Run ``handler(request, *args)``, answering any failure with the envelope (what
+    error_middleware does, callable where there is no middleware layer)."""
     try:
-        return await handler(request)
+        return await handler(request, *args)
     except ApiError as exc:
         return exc.response()
     except web.HTTPException as exc:
@@ -125,7 +128,7 @@ async def call_with_envelope(request: web.Request, handler: Handler) -> web.Stre
         return error_response(500, "The server had an error processing your request.")
 
 
-def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+def _from_http_exception(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:
     if exc.status == 404:
         message = f"Unknown request URL: {request.method} {request.path}."
     elif exc.status == 405:

@@ -31,7 +31,7 @@ from .log import BufferedLineHandler, server_log, setup_logging
 from .metrics import Metrics
 from .objects import ObjectRegistry, saver
 from .pool import KeyPool, KeyStatus
-from .proxy import build_proxy_app
+from .proxy import build_proxy_server
 from .state import Services
 from .storage import Database, StorageError
 from .tasks import BackgroundTasks
@@ -211,23 +211,23 @@ async def serve(
     """Run both ports until the block exits, then shut down gracefully."""
     environ = os.environ if environ is None else environ
     services = await open_services(settings, environ)
-    runners: list[web.AppRunner] = []
+    runners: list[web.BaseRunner] = []
+    grace = settings.proxy.shutdown_grace
     try:
+        # On the proxy port a caller that hangs up cancels its handler, which closes the
+        # upstream request at once instead of at the next chunk.
+        proxy_server = build_proxy_server(services, access_log=None, handler_cancellation=True)
         proxy_port = await _start(
             runners,
-            build_proxy_app(services),
+            web.ServerRunner(proxy_server, shutdown_timeout=grace),
             settings.proxy.host,
             settings.proxy.port,
-            settings,
-            cancel_on_disconnect=True,
         )
         admin_port = await _start(
             runners,
-            build_admin_app(services),
+            web.AppRunner(build_admin_app(services), access_log=None, shutdown_timeout=grace),
             settings.admin.host,
             settings.admin.port,
-            settings,
-            cancel_on_disconnect=False,
         )
         services.keys.forbidden_ports.update({proxy_port, admin_port})
         running = RunningServer(services, proxy_port, admin_port)
@@ -244,21 +244,8 @@ async def serve(
 
 
 async def _start(
-    runners: list[web.AppRunner],
-    app: web.Application,
-    host: str,
-    port: int,
-    settings: Settings,
-    cancel_on_disconnect: bool,
+    runners: list[web.BaseRunner], runner: web.BaseRunner, host: str, port: int
 ) -> int:
-    # On the proxy port a caller that hangs up cancels its handler, which closes the
-    # upstream request at once instead of at the next chunk.
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handler_cancellation=cancel_on_disconnect,
-        shutdown_timeout=settings.proxy.shutdown_grace,
-    )
     await runner.setup()
     runners.append(runner)
     site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -8,10 +8,8 @@ write-behind state (token last-use times, key health), and once more at shutdown
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .log import storage_log
 from .storage import Database
@@ -19,8 +17,14 @@ from .storage import Database
 FLUSH_INTERVAL = 0.5
 
 
-@dataclass(slots=True)
-class UsageRecord:
+class UsageRecord(NamedTuple):
+    """One row of the usage table, its fields in the table's column order.
+
+    A tuple, so that the request path builds it in one step and the batch insert takes it
+    as it is.
+    """
+
+    created_at: float
     user_id: int
     token_id: int | None
     key_id: int | None
@@ -36,27 +40,6 @@ class UsageRecord:
     upstream_ms: float | None
     total_ms: float
     request_id: str
-    created_at: float = 0.0
-
-    def as_row(self) -> tuple[Any, ...]:
-        return (
-            self.created_at,
-            self.user_id,
-            self.token_id,
-            self.key_id,
-            self.key_owner_id,
-            self.model,
-            self.endpoint,
-            self.status,
-            self.attempts,
-            int(self.stream),
-            self.prompt_tokens,
-            self.completion_tokens,
-            self.total_tokens,
-            self.upstream_ms,
-            self.total_ms,
-            self.request_id,
-        )
 
 
 class WriteBehind:
@@ -64,7 +47,7 @@ class WriteBehind:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._usage: list[tuple[Any, ...]] = []
+        self._usage: list[UsageRecord] = []
         # Extra sources polled on every flush: each returns a coroutine or None.
         self._sources: list[Callable[[], Any]] = []
         # One flush at a time: the final flush at shutdown waits for a batch in progress.
@@ -73,9 +56,7 @@ class WriteBehind:
         self.written = 0
 
     def record(self, usage: UsageRecord) -> None:
-        if not usage.created_at:
-            usage.created_at = time.time()
-        self._usage.append(usage.as_row())
+        self._usage.append(usage)
 
     @property
     def pending(self) -> int:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sqlite3
+import time
 from typing import Any
 
 import aiohttp
@@ -335,6 +336,7 @@ class SlowDatabase:
 
 def _record(n: int) -> UsageRecord:
     return UsageRecord(
+        created_at=time.time(),
         user_id=1,
         token_id=1,
         key_id=1,

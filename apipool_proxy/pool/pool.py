@@ -123,34 +123,37 @@ class KeyPool:
         """Pick the key for the next attempt, or raise :class:`NoKeyAvailable`.
 
         One pass over the keys serving the model: with ``prefer_own_keys`` the caller's own
-        ready keys win over everyone else's, then the strategy decides among equals.
+        ready keys win over everyone else's; with ``least_busy`` fewer requests in flight
+        win next; the strategy decides among the keys left equal.
         """
         prefer_own = self.prefer_own_keys
-        best_rank = 2
-        ready: list[PooledKey] = []
+        least_busy = self.strategy == "least_busy"
+        best: tuple[int, int] = (2, 0)  # (rank, requests in flight) of the keys in ``equal``
+        equal: list[PooledKey] = []
         for key in self._serving(model):
-            if key.id in tried or not key.usable_by(user_id) or not key.ready(now):
+            if not key.ready(now) or key.id in tried or not key.usable_by(user_id):
                 continue
-            rank = 0 if prefer_own and key.owner_id == user_id else 1
-            if rank < best_rank:
-                best_rank = rank
-                ready = [key]
-            elif rank == best_rank:
-                ready.append(key)
-        if not ready:
+            score = (
+                0 if prefer_own and key.owner_id == user_id else 1,
+                key.in_flight if least_busy else 0,
+            )
+            if score < best:
+                best = score
+                equal = [key]
+            elif score == best:
+                equal.append(key)
+        if not equal:
             raise self._explain(model, self.candidates(model, user_id), tried, now)
-        return self._pick(ready)
+        return self._pick(equal)
 
-    def _pick(self, ready: list[PooledKey]) -> PooledKey:
-        if len(ready) == 1:
-            return ready[0]
-        if self.strategy == "least_busy":
-            least = min(k.in_flight for k in ready)
-            return random.choice([k for k in ready if k.in_flight == least])  # noqa: S311
+    def _pick(self, equal: list[PooledKey]) -> PooledKey:
+        if len(equal) == 1:
+            return equal[0]
         if self.strategy == "round_robin":
             self._turn += 1  # the keys come sorted by id
-            return ready[self._turn % len(ready)]
-        return random.choice(ready)  # noqa: S311 - load spreading, not security
+            return equal[self._turn % len(equal)]
+        # least_busy ties and random: load spreading, not security.
+        return random.choice(equal)  # noqa: S311
 
     def _explain(
         self, model: str | None, candidates: list[PooledKey], tried: set[int], now: float

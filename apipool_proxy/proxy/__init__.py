@@ -1,5 +1,5 @@
-"""The proxy port: the OpenAI /v1 surface, served from the pool."""
+"""The proxy port: the OpenAI /v1 surface in front of the pool."""
 
-from .app import build_proxy_app
+from .app import build_proxy_server
 
-__all__ = ["build_proxy_app"]
+__all__ = ["build_proxy_server"]

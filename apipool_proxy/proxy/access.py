@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from ..errors import Handler, call_with_envelope
+from ..errors import call_with_envelope
 from ..log import access_lines, redact_field
-from ..state import SERVICES, Services
+from ..state import Services
 from .exchange import (
     EXCHANGE,
     MAX_MODEL_CHARS,
@@ -26,37 +27,35 @@ from .exchange import (
     new_request_id,
 )
 
-
-def accounted(handler: Handler) -> Handler:
-    """Wrap a /v1 handler: errors become the envelope, then the request is counted and logged.
-
-    A plain wrapper rather than an aiohttp middleware: the proxy port serves nothing else,
-    and a middleware layer costs every request a little more than this does.
-    """
-
-    async def serve(request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await call_with_envelope(request, handler)
-            status = response.status
-            if not response.prepared:  # streams got these before their first byte
-                add_exchange_headers(request, response)
-            return response
-        except asyncio.CancelledError:
-            status = 499  # the caller went away
-            raise
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            latency_ms = (time.perf_counter() - started) * 1000
-            _account(request.app[SERVICES], request, status, latency_ms)
-
-    return serve
+# What serves one request on the proxy port, given the process's services.
+ProxyHandler = Callable[[web.BaseRequest, Services], Awaitable[web.StreamResponse]]
 
 
-def add_exchange_headers(request: web.Request, response: web.StreamResponse) -> None:
+async def accounted(
+    request: web.BaseRequest, services: Services, handler: ProxyHandler
+) -> web.StreamResponse:
+    """Serve with ``handler``: errors become the envelope, then the request is counted
+    and logged."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await call_with_envelope(request, handler, services)
+        status = response.status
+        if not response.prepared:  # streams got these before their first byte
+            add_exchange_headers(request, response)
+        return response
+    except asyncio.CancelledError:
+        status = 499  # the caller went away
+        raise
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        latency_ms = (time.perf_counter() - started) * 1000
+        _account(services, request, status, latency_ms)
+
+
+def add_exchange_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
     """Response headers known from admission: the request id and the caller's rate limits."""
     exchange = request.get(EXCHANGE)
     if exchange is None:  # refused before it was known who asked (401, unknown path)
@@ -67,7 +66,7 @@ def add_exchange_headers(request: web.Request, response: web.StreamResponse) -> 
     response.headers.setdefault("x-request-id", exchange.request_id)
 
 
-def _account(services: Services, request: web.Request, status: int, latency_ms: float) -> None:
+def _account(services: Services, request: web.BaseRequest, status: int, latency_ms: float) -> None:
     exchange = request.get(EXCHANGE)
     if exchange is not None and exchange.status:
         status = exchange.status  # e.g. 502 for a stream that broke after a 200 went out
@@ -82,7 +81,7 @@ def _account(services: Services, request: web.Request, status: int, latency_ms: 
 
 
 def _log(
-    request: web.Request,
+    request: web.BaseRequest,
     exchange: Exchange | None,
     status: int,
     latency_ms: float,

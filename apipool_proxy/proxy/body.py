@@ -21,7 +21,7 @@ class RequestBody:
     stream: bool
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, refusing anything over ``limit`` bytes with 413."""
     length = request.content_length
     if length is not None:

@@ -118,6 +118,7 @@ class Exchange:
             upstream_ms = round((now - self.upstream_started) * 1000, 2)
         tokens = self.tokens
         return UsageRecord(
+            created_at=time.time(),
             user_id=self.principal.user.id,
             token_id=self.principal.token.id,
             key_id=self.key.id if self.key else None,
@@ -140,7 +141,7 @@ class Exchange:
 EXCHANGE = web.RequestKey("apipool_exchange", Exchange)
 
 
-def open_exchange(request: web.Request, principal: Principal) -> Exchange:
+def open_exchange(request: web.BaseRequest, principal: Principal) -> Exchange:
     """Start the record of an authenticated /v1 request; the access log reads it at the end."""
     exchange = Exchange(
         request_id=new_request_id(),

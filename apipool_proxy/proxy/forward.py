@@ -20,7 +20,7 @@ from ..limits import UserCounters
 from ..log import REDACTED, redact, upstream_log
 from ..pool import KeyStatus, NoKeyAvailable, Outcome, PooledKey, classify_response
 from ..pool.health import RETRYABLE, Verdict
-from ..state import SERVICES, Services
+from ..state import Services
 from ..upstream import UpstreamError, UpstreamResponse
 from . import sticky
 from .access import add_exchange_headers
@@ -49,7 +49,7 @@ class Failure:
 RESEND = Failure("resend without stream_options", Verdict(Outcome.CALLER_ERROR))
 
 
-def bearer_token(request: web.Request) -> str | None:
+def bearer_token(request: web.BaseRequest) -> str | None:
     header = request.headers.get("Authorization")
     if header is None:
         return None
@@ -59,7 +59,7 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip() or None
 
 
-def authenticate(request: web.Request, services: Services) -> Any:
+def authenticate(request: web.BaseRequest, services: Services) -> Any:
     principal = services.accounts.authenticate(bearer_token(request))
     if principal is None:
         raise ApiError(
@@ -72,8 +72,7 @@ def authenticate(request: web.Request, services: Services) -> Any:
     return principal
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
-    services = request.app[SERVICES]
+async def handle(request: web.BaseRequest, services: Services) -> web.StreamResponse:
     principal = authenticate(request, services)
     exchange = open_exchange(request, principal)
     if services.draining:
@@ -91,7 +90,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(
-    request: web.Request, services: Services, exchange: Exchange, body: RequestBody | None
+    request: web.BaseRequest, services: Services, exchange: Exchange, body: RequestBody | None
 ) -> web.StreamResponse:
     """Admit the request against the caller's limits, serve it, and record its usage.
 
@@ -130,7 +129,7 @@ async def _serve(
 
 
 async def _forward(
-    request: web.Request, services: Services, exchange: Exchange, body: RequestBody
+    request: web.BaseRequest, services: Services, exchange: Exchange, body: RequestBody
 ) -> web.StreamResponse:
     settings = services.settings
     pool = services.pool
@@ -183,7 +182,7 @@ def _has_working_key(services: Services, user_id: int) -> bool:
 
 
 async def _attempt(
-    request: web.Request,
+    request: web.BaseRequest,
     services: Services,
     exchange: Exchange,
     body: RequestBody,
@@ -219,7 +218,7 @@ async def _attempt(
 
 
 async def _answer(
-    request: web.Request,
+    request: web.BaseRequest,
     services: Services,
     exchange: Exchange,
     key: PooledKey,
@@ -285,7 +284,7 @@ def _payload_for(key: PooledKey, exchange: Exchange, body: RequestBody) -> tuple
         return body.raw, False  # too deep to re-encode: send as asked, tokens unknown
 
 
-def upstream_tail(request: web.Request) -> str:
+def upstream_tail(request: web.BaseRequest) -> str:
     """What follows the key's base URL: the raw path after "/v1", with its query.
 
     The raw path keeps the caller's encoding (a %2F stays %2F). The upstream client joins
@@ -384,7 +383,7 @@ def _all_failed(
 
 
 async def _relay(
-    request: web.Request, exchange: Exchange, upstream: UpstreamResponse, injected: bool
+    request: web.BaseRequest, exchange: Exchange, upstream: UpstreamResponse, injected: bool
 ) -> web.StreamResponse:
     headers = caller_response_headers(upstream.headers, exchange.request_id)
     content_type = upstream.headers.get("Content-Type", "")
@@ -428,7 +427,7 @@ def _usage_of(data: bytes) -> Any:
 
 
 async def _relay_stream(
-    request: web.Request,
+    request: web.BaseRequest,
     exchange: Exchange,
     upstream: UpstreamResponse,
     headers: Any,
@@ -481,7 +480,7 @@ async def _relay_stream(
 
 
 async def _end_broken_stream(
-    request: web.Request,
+    request: web.BaseRequest,
     exchange: Exchange,
     response: web.StreamResponse,
     is_sse: bool,

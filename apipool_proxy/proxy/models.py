@@ -8,7 +8,7 @@ from aiohttp import web
 
 from ..errors import ApiError
 from ..objects import MODEL
-from ..state import SERVICES, Services
+from ..state import Services
 from .exchange import open_exchange
 from .forward import authenticate
 
@@ -45,8 +45,7 @@ def _offer(found: dict[str, dict[str, Any]], model: str, created_at: float) -> N
         }
 
 
-async def list_models(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+async def list_models(request: web.BaseRequest, services: Services) -> web.Response:
     principal = authenticate(request, services)
     open_exchange(request, principal)  # sends x-request-id and writes the access line
     models = visible_models(services, principal.user.id)
@@ -54,8 +53,7 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
-async def get_model(request: web.Request) -> web.Response:
-    services = request.app[SERVICES]
+async def get_model(request: web.BaseRequest, services: Services) -> web.Response:
     principal = authenticate(request, services)
     exchange = open_exchange(request, principal)
     # The id may hold "/" (qwen/qwen2.5-coder) or ":" (ft:gpt-4o-mini:org::id).

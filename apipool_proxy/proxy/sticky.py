@@ -126,7 +126,7 @@ def _streamed_object(event: Any, stored_chat: bool) -> Any:
 
 
 def pinned_key(
-    services: Services, exchange: Exchange, request: web.Request, body: RequestBody
+    services: Services, exchange: Exchange, request: web.BaseRequest, body: RequestBody
 ) -> PooledKey | None:
     """The key this request must use, or None for the pool's own choice.
 
@@ -179,7 +179,7 @@ def _watch_for(
 def _named(
     registry: ObjectRegistry,
     exchange: Exchange,
-    request: web.Request,
+    request: web.BaseRequest,
     segments: list[str],
     body: RequestBody,
 ) -> list[tuple[ObjectRecord, str | None]]:
@@ -324,7 +324,7 @@ async def _save_now(services: Services) -> None:
 # -- lists ---------------------------------------------------------------------------------------
 
 
-def listing_of(request: web.Request) -> Listing | None:
+def listing_of(request: web.BaseRequest) -> Listing | None:
     """The listing a GET asks for (/v1/files, /v1/batches...), or None."""
     if request.method != "GET":
         return None
@@ -332,7 +332,7 @@ def listing_of(request: web.Request) -> Listing | None:
 
 
 async def list_objects(
-    request: web.Request, services: Services, exchange: Exchange, listing: Listing
+    request: web.BaseRequest, services: Services, exchange: Exchange, listing: Listing
 ) -> web.Response:
     """The caller's own objects of one kind, merged across the keys that hold them.
 
@@ -407,7 +407,7 @@ def _holders(
 
 async def _owned_on(
     services: Services,
-    request: web.Request,
+    request: web.BaseRequest,
     exchange: Exchange,
     key: PooledKey,
     wanted: set[str],
@@ -437,7 +437,7 @@ async def _owned_on(
 
 async def _fetch_page(
     services: Services,
-    request: web.Request,
+    request: web.BaseRequest,
     exchange: Exchange,
     key: PooledKey,
     after: str | None,

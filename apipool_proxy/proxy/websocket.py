@@ -45,7 +45,7 @@ _CALLER_PROTOCOL_PREFIXES = (
 
 
 async def relay_websocket(
-    request: web.Request, services: Services, exchange: Exchange
+    request: web.BaseRequest, services: Services, exchange: Exchange
 ) -> web.StreamResponse:
     try:
         key = services.pool.choose(exchange.model, exchange.principal.user.id, set(), time.time())
