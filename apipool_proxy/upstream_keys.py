@@ -20,7 +20,7 @@ from .errors import ApiError
 from .log import admin_log, pool_log, redact, secrets
 from .pool import KeyPool, KeyStatus, PooledKey
 from .storage import Database
-from .upstream import UpstreamClient, UpstreamError
+from .upstream import UpstreamClient, UpstreamError, header_block
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 MAX_MODELS = 2000
@@ -219,6 +219,7 @@ class UpstreamKeys:
             key, key.label, key.models, key.enabled, True, key.max_concurrent, key.rpm
         )
         key.approved = True
+        self.pool.changed()  # others may use it now
         return key
 
     async def check(self, key: PooledKey) -> PooledKey:
@@ -239,7 +240,7 @@ class UpstreamKeys:
         """Ask ``GET {base_url}/models``; return the status, or None when unreachable."""
         if self.upstream is None:
             return None
-        headers = [("Authorization", key.auth_header), ("Accept", "application/json")]
+        headers = header_block([("Authorization", key.auth_header), ("Accept", "application/json")])
         try:
             async with asyncio.timeout(DISCOVERY_TIMEOUT):
                 answer = await self.upstream.request("GET", key.base_url, "/models", headers)

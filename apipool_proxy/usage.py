@@ -9,37 +9,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from .log import storage_log
-from .storage import Database
+from .storage import USAGE_COLUMNS, Database
 
 FLUSH_INTERVAL = 0.5
 
 
-class UsageRecord(NamedTuple):
-    """One row of the usage table, its fields in the table's column order.
+__all__ = ("USAGE_COLUMNS", "UsageRow", "WriteBehind")
 
-    A tuple, so that the request path builds it in one step and the batch insert takes it
-    as it is.
-    """
-
-    created_at: float
-    user_id: int
-    token_id: int | None
-    key_id: int | None
-    key_owner_id: int | None
-    model: str | None
-    endpoint: str
-    status: int
-    attempts: int
-    stream: bool
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    total_tokens: int | None
-    upstream_ms: float | None
-    total_ms: float
-    request_id: str
+# One row of the usage table: a plain tuple with the values in ``USAGE_COLUMNS`` order
+# (created_at, user_id, token_id, key_id, key_owner_id, model, endpoint, status, attempts,
+# stream, prompt_tokens, completion_tokens, total_tokens, upstream_ms, total_ms,
+# request_id). A tuple, so that the request path builds it in one step and the batch
+# insert binds it as it is.
+UsageRow = tuple[Any, ...]
 
 
 class WriteBehind:
@@ -47,7 +32,7 @@ class WriteBehind:
 
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._usage: list[UsageRecord] = []
+        self._usage: list[UsageRow] = []
         # Extra sources polled on every flush: each returns a coroutine or None.
         self._sources: list[Callable[[], Any]] = []
         # One flush at a time: the final flush at shutdown waits for a batch in progress.
@@ -55,8 +40,8 @@ class WriteBehind:
         self._batch: asyncio.Future[None] | None = None
         self.written = 0
 
-    def record(self, usage: UsageRecord) -> None:
-        self._usage.append(usage)
+    def record(self, row: UsageRow) -> None:
+        self._usage.append(row)
 
     @property
     def pending(self) -> int:

@@ -15,7 +15,7 @@ import openai
 import pytest
 from aiohttp import web
 
-from apipool_proxy.usage import UsageRecord, WriteBehind
+from apipool_proxy.usage import USAGE_COLUMNS, UsageRow, WriteBehind
 
 from .fake_upstream import FakeUpstream
 from .scenario import (
@@ -334,25 +334,26 @@ class SlowDatabase:
         self.rows.extend(rows)
 
 
-def _record(n: int) -> UsageRecord:
-    return UsageRecord(
-        created_at=time.time(),
-        user_id=1,
-        token_id=1,
-        key_id=1,
-        key_owner_id=1,
-        model=MODEL,
-        endpoint="/chat/completions",
-        status=200,
-        attempts=1,
-        stream=False,
-        prompt_tokens=1,
-        completion_tokens=1,
-        total_tokens=2,
-        upstream_ms=1.0,
-        total_ms=1.0,
-        request_id=f"req_{n}",
-    )
+def _record(n: int) -> UsageRow:
+    values = {
+        "created_at": time.time(),
+        "user_id": 1,
+        "token_id": 1,
+        "key_id": 1,
+        "key_owner_id": 1,
+        "model": MODEL,
+        "endpoint": "/chat/completions",
+        "status": 200,
+        "attempts": 1,
+        "stream": False,
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "total_tokens": 2,
+        "upstream_ms": 1.0,
+        "total_ms": 1.0,
+        "request_id": f"req_{n}",
+    }
+    return tuple(values[column] for column in USAGE_COLUMNS)
 
 
 async def test_a_batch_cut_by_shutdown_is_written_exactly_once(monkeypatch):

@@ -26,6 +26,11 @@ class NoKeyAvailable(Exception):
         self.retry_after = retry_after
 
 
+# A rank outweighs any number of requests in flight.
+_RANK_WEIGHT = 1 << 40
+_NO_SCORE = 2 * _RANK_WEIGHT
+
+
 class KeyPool:
     def __init__(self, strategy: str = "least_busy", prefer_own_keys: bool = True) -> None:
         if strategy not in STRATEGIES:
@@ -38,6 +43,9 @@ class KeyPool:
         self._by_model: dict[str, set[int]] = {}
         self._open: set[int] = set()
         self._serving_cache: dict[str | None, tuple[PooledKey, ...]] = {}
+        # (model, user id) -> (rank, key) for the keys that user may use, sorted by id;
+        # rank 0 marks the user's own keys when they are preferred.
+        self._offered_cache: dict[tuple[str | None, int], tuple[tuple[int, PooledKey], ...]] = {}
         self._turn = 0
         # Keys whose persisted state (status, cooldown, last error...) changed.
         self.dirty: set[int] = set()
@@ -81,8 +89,13 @@ class KeyPool:
             key.models = models
         self._index(key)
 
-    def _index(self, key: PooledKey) -> None:
+    def changed(self) -> None:
+        """Forget cached choices: call after a key's models or who may use it changed."""
         self._serving_cache.clear()
+        self._offered_cache.clear()
+
+    def _index(self, key: PooledKey) -> None:
+        self.changed()
         served = key.served_models()
         if served is None:
             self._open.add(key.id)
@@ -91,7 +104,7 @@ class KeyPool:
             self._by_model.setdefault(model, set()).add(key.id)
 
     def _unindex(self, key: PooledKey) -> None:
-        self._serving_cache.clear()
+        self.changed()
         self._open.discard(key.id)
         for model in list(self._by_model):
             ids = self._by_model[model]
@@ -119,24 +132,34 @@ class KeyPool:
             self._serving_cache[model] = found
         return found
 
+    def _offered(self, model: str | None, user_id: int) -> tuple[tuple[int, PooledKey], ...]:
+        found = self._offered_cache.get((model, user_id))
+        if found is None:
+            prefer_own = self.prefer_own_keys
+            found = tuple(
+                (0 if prefer_own and key.owner_id == user_id else 1, key)
+                for key in self._serving(model)
+                if key.usable_by(user_id)
+            )
+            if len(self._offered_cache) >= 4096:
+                self._offered_cache.clear()  # bounded: callers choose the model names
+            self._offered_cache[(model, user_id)] = found
+        return found
+
     def choose(self, model: str | None, user_id: int, tried: set[int], now: float) -> PooledKey:
         """Pick the key for the next attempt, or raise :class:`NoKeyAvailable`.
 
-        One pass over the keys serving the model: with ``prefer_own_keys`` the caller's own
-        ready keys win over everyone else's; with ``least_busy`` fewer requests in flight
-        win next; the strategy decides among the keys left equal.
+        One pass over the keys this user may use for the model: with ``prefer_own_keys``
+        the user's own ready keys win over everyone else's; with ``least_busy`` fewer
+        requests in flight win next; the strategy decides among the keys left equal.
         """
-        prefer_own = self.prefer_own_keys
         least_busy = self.strategy == "least_busy"
-        best: tuple[int, int] = (2, 0)  # (rank, requests in flight) of the keys in ``equal``
+        best = _NO_SCORE  # score of the keys in ``equal``: rank first, then load
         equal: list[PooledKey] = []
-        for key in self._serving(model):
-            if not key.ready(now) or key.id in tried or not key.usable_by(user_id):
+        for rank, key in self._offered(model, user_id):
+            if not key.ready(now) or key.id in tried:
                 continue
-            score = (
-                0 if prefer_own and key.owner_id == user_id else 1,
-                key.in_flight if least_busy else 0,
-            )
+            score = rank * _RANK_WEIGHT + (key.in_flight if least_busy else 0)
             if score < best:
                 best = score
                 equal = [key]

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..accounts import Principal
 from ..pool import PooledKey
-from ..usage import UsageRecord
+from ..usage import UsageRow
 from .sse import TokenCounts
 
 if TYPE_CHECKING:
@@ -111,30 +111,31 @@ class Exchange:
     # The caller's x-ratelimit-* headers, set on admission and sent with the response.
     rate_headers: dict[str, str] = field(default_factory=dict)
 
-    def usage_record(self) -> UsageRecord:
+    def usage_row(self) -> UsageRow:
+        """This request's usage row, its values in the usage table's column order."""
         now = time.perf_counter()
-        upstream_ms = None
-        if self.upstream_started is not None:
-            upstream_ms = round((now - self.upstream_started) * 1000, 2)
+        started = self.upstream_started
+        key = self.key
         tokens = self.tokens
-        return UsageRecord(
-            created_at=time.time(),
-            user_id=self.principal.user.id,
-            token_id=self.principal.token.id,
-            key_id=self.key.id if self.key else None,
-            key_owner_id=self.key.owner_id if self.key else None,
+        model = self.model
+        return (
+            time.time(),
+            self.principal.user.id,
+            self.principal.token.id,
+            key.id if key else None,
+            key.owner_id if key else None,
             # Longer names exist nowhere (key model lists stop at 256); a row stays small.
-            model=self.model[:MAX_MODEL_CHARS] if self.model else None,
-            endpoint=self.endpoint,
-            status=self.status,
-            attempts=self.attempts,
-            stream=self.stream,
-            prompt_tokens=tokens.prompt if tokens else None,
-            completion_tokens=tokens.completion if tokens else None,
-            total_tokens=tokens.total if tokens else None,
-            upstream_ms=upstream_ms,
-            total_ms=round((now - self.started) * 1000, 2),
-            request_id=self.request_id,
+            model[:MAX_MODEL_CHARS] if model else None,
+            self.endpoint,
+            self.status,
+            self.attempts,
+            self.stream,
+            tokens.prompt if tokens else None,
+            tokens.completion if tokens else None,
+            tokens.total if tokens else None,
+            round((now - started) * 1000, 2) if started is not None else None,
+            round((now - self.started) * 1000, 2),
+            self.request_id,
         )
 
 

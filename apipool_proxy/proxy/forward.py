@@ -26,7 +26,7 @@ from . import sticky
 from .access import add_exchange_headers
 from .body import RequestBody, inspect_body, read_body
 from .exchange import Exchange, open_exchange
-from .headers import caller_response_headers, upstream_request_headers
+from .headers import caller_response_headers, upstream_header_block
 from .sse import JsonTap, UsageTap, usage_from
 
 # Answers up to this size without a streaming content type are read whole and sent in one
@@ -125,7 +125,7 @@ async def _serve(
             limiter.finish(counters, tokens, time.time())
         # Refused requests get a row too, so members and admins see limits being hit. The
         # access line and the request count are written by proxy/access.py.
-        services.writer.record(exchange.usage_record())
+        services.writer.record(exchange.usage_row())
 
 
 async def _forward(
@@ -195,7 +195,7 @@ async def _attempt(
     services.metrics.attempts += 1
     payload, injected = _payload_for(key, exchange, body)
     tail = upstream_tail(request)
-    headers = upstream_request_headers(request.headers, key.auth_header)
+    headers = upstream_header_block(request, key.auth_header)
     key.begin()
     try:
         exchange.upstream_started = time.perf_counter()

@@ -8,9 +8,13 @@ passes, so endpoints we never heard of keep working.
 
 from __future__ import annotations
 
-from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping, istr
+from collections.abc import Iterator
 
-# The sets below hold lower-case names; every lookup lower-cases the header name first.
+from aiohttp.web import BaseRequest
+from multidict import CIMultiDict, MultiMapping, istr
+
+# The sets below hold lower-case names (the caller's as bytes, the form they arrive in);
+# every lookup lower-cases the header name first.
 
 # RFC 9110 section 7.6.1: connection-specific headers are never forwarded.
 HOP_BY_HOP = frozenset(
@@ -27,20 +31,24 @@ HOP_BY_HOP = frozenset(
     )
 )
 
-_DROP_FROM_CALLER = HOP_BY_HOP | frozenset(
-    (
-        "host",
-        "content-length",  # recomputed for the replayed body
-        "accept-encoding",  # the upstream client negotiates its own and decodes
-        "authorization",  # the caller's pool token; the pooled key replaces it
-        "api-key",
-        "x-api-key",
-        "cookie",
-        "forwarded",
-        "x-real-ip",
-        "via",
-        "openai-organization",  # these name the key owner's account, not the caller's
-        "openai-project",
+_DROP_FROM_CALLER = frozenset(
+    name.encode()
+    for name in HOP_BY_HOP
+    | frozenset(
+        (
+            "host",
+            "content-length",  # recomputed for the replayed body
+            "accept-encoding",  # the upstream client negotiates its own and decodes
+            "authorization",  # the caller's pool token; the pooled key replaces it
+            "api-key",
+            "x-api-key",
+            "cookie",
+            "forwarded",
+            "x-real-ip",
+            "via",
+            "openai-organization",  # these name the key owner's account, not the caller's
+            "openai-project",
+        )
     )
 )
 
@@ -61,22 +69,39 @@ REQUEST_ID = istr("x-request-id")
 UPSTREAM_REQUEST_ID = istr("x-upstream-request-id")
 
 
-def upstream_request_headers(
-    caller: CIMultiDictProxy[str], auth_header: str
-) -> list[tuple[str, str]]:
-    """The caller's headers as sent upstream (Host, Content-Length and Accept-Encoding are
-    added by the upstream client)."""
-    connection_named = _connection_tokens(caller)
-    out = []
-    for name, value in caller.items():
+def upstream_request_headers(request: BaseRequest, auth_header: str) -> list[tuple[str, str]]:
+    """The caller's headers as sent upstream, with the pooled key's Authorization.
+
+    Host, Content-Length and Accept-Encoding are the upstream client's to add.
+    """
+    pairs = [
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in _forwarded(request)
+    ]
+    pairs.append(("Authorization", auth_header))
+    return pairs
+
+
+def upstream_header_block(request: BaseRequest, auth_header: str) -> bytes:
+    """``upstream_request_headers`` as the upstream client takes them: "Name: value" lines.
+
+    Built from the caller's header bytes as received, which spares every proxied request
+    decoding and re-encoding them.
+    """
+    lines = [b"%s: %s\r\n" % pair for pair in _forwarded(request)]
+    lines.append(b"Authorization: %s\r\n" % auth_header.encode())
+    return b"".join(lines)
+
+
+def _forwarded(request: BaseRequest) -> Iterator[tuple[bytes, bytes]]:
+    connection_named = _connection_tokens(request.headers.get("connection"))
+    for name, value in request.raw_headers:
         lowered = name.lower()
-        if lowered in _DROP_FROM_CALLER or lowered.startswith("x-forwarded-"):
+        if lowered in _DROP_FROM_CALLER or lowered.startswith(b"x-forwarded-"):
             continue
         if connection_named and lowered in connection_named:
             continue
-        out.append((name, value))
-    out.append(("Authorization", auth_header))
-    return out
+        yield name, value
 
 
 def caller_response_headers(upstream: MultiMapping[str], request_id: str) -> CIMultiDict[str]:
@@ -96,8 +121,8 @@ def caller_response_headers(upstream: MultiMapping[str], request_id: str) -> CIM
     return out
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    value = headers.get("connection")
+def _connection_tokens(value: str | None) -> frozenset[bytes]:
+    """The header names a Connection header lists: hop-by-hop too (RFC 9110 7.6.1)."""
     if not value:
         return frozenset()
-    return frozenset(t.strip().lower() for t in value.split(",") if t.strip())
+    return frozenset(t.strip().lower().encode() for t in value.split(",") if t.strip())

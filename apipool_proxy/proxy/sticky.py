@@ -46,7 +46,7 @@ from ..state import Services
 from ..upstream import UpstreamError, UpstreamResponse
 from .body import RequestBody, multipart_fields
 from .exchange import Exchange
-from .headers import upstream_request_headers
+from .headers import upstream_header_block
 
 # Endpoints a plain inference call uses. A member without objects of their own is checked
 # only at the few places these can name an object, so the hot path does no body walk.
@@ -448,7 +448,7 @@ async def _fetch_page(
     if after is not None:
         params.append(("after", after))
     tail = URL.build(path="/" + "/".join(path_segments(request.path)), query=params).raw_path_qs
-    headers = upstream_request_headers(request.headers, key.auth_header)
+    headers = upstream_header_block(request, key.auth_header)
     exchange.attempts += 1
     services.metrics.attempts += 1
     key.begin()

@@ -55,7 +55,7 @@ async def relay_websocket(
     exchange.attempts = 1
     headers = [
         (name, value)
-        for name, value in upstream_request_headers(request.headers, key.auth_header)
+        for name, value in upstream_request_headers(request, key.auth_header)
         if name.lower() not in _HANDSHAKE
     ]
     protocols = _upstream_protocols(request.headers.get("Sec-WebSocket-Protocol", ""))

@@ -1,5 +1,5 @@
 """Persistence: SQLite through aiosqlite. Knows nothing of HTTP or of the pool."""
 
-from .database import Database, StorageError, UsernameTaken
+from .database import USAGE_COLUMNS, Database, StorageError, UsernameTaken
 
-__all__ = ["Database", "StorageError", "UsernameTaken"]
+__all__ = ["USAGE_COLUMNS", "Database", "StorageError", "UsernameTaken"]

@@ -1,6 +1,6 @@
 """HTTP/1.1 requests to upstreams: connections, keep-alive, timeouts and the address guard."""
 
-from .client import UpstreamClient
+from .client import UpstreamClient, header_block
 from .connection import UpstreamResponse
 from .errors import (
     UpstreamClosed,
@@ -18,4 +18,5 @@ __all__ = (
     "UpstreamProtocolError",
     "UpstreamResponse",
     "UpstreamTimeout",
+    "header_block",
 )

@@ -77,13 +77,15 @@ class UpstreamClient:
         method: str,
         base_url: str,
         tail: str,
-        headers: Iterable[tuple[str, str]],
+        headers: bytes,
         body: bytes = b"",
     ) -> UpstreamResponse:
         """Send ``method base_url+tail`` and return the answer once its headers are in.
 
-        ``tail`` is appended to the base URL's path as it is (already percent-encoded).
-        ``release()`` the answer when done with it. Raises UpstreamError.
+        ``tail`` is appended to the base URL's path as it is (already percent-encoded);
+        ``headers`` is a block of "Name: value\\r\\n" lines (see ``header_block``), to
+        which Host, Content-Length and Accept-Encoding are added. ``release()`` the answer
+        when done with it. Raises UpstreamError.
         """
         origin, base_path = self._origin(base_url)
         target = base_path + tail
@@ -234,20 +236,27 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     return list(dict.fromkeys(found))  # once each, in the resolver's order
 
 
-def _request_head(
-    method: str, target: str, host: str, headers: Iterable[tuple[str, str]], body: bytes
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", "Host: " + host]
-    lines += [f"{name}: {value}" for name, value in headers]
-    if body or method in _BODY_METHODS:
-        lines.append(f"Content-Length: {len(body)}")
-    lines.append("Accept-Encoding: gzip, deflate")
-    head = "\r\n".join(lines) + "\r\n\r\n"
-    # A line break inside a name or value would let it write headers, or a second request,
-    # of its own choosing: such a request is never sent.
-    if head.count("\n") != len(lines) + 1 or head.count("\r") != len(lines) + 1:
+def header_block(headers: Iterable[tuple[str, str]]) -> bytes:
+    """Header pairs as the block of lines ``UpstreamClient.request`` takes."""
+    return "".join(f"{name}: {value}\r\n" for name, value in headers).encode(
+        "utf-8", "surrogateescape"
+    )
+
+
+def _request_head(method: str, target: str, host: str, headers: bytes, body: bytes) -> bytes:
+    start = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"
+    length = f"Content-Length: {len(body)}\r\n" if body or method in _BODY_METHODS else ""
+    head = b"%s%s%sAccept-Encoding: gzip, deflate\r\n\r\n" % (
+        start.encode("utf-8", "surrogateescape"),
+        headers,
+        length.encode(),
+    )
+    # A line break inside a name, a value or the target would let it write headers, or a
+    # second request, of its own choosing: every line must end where it was meant to.
+    lines = 4 + headers.count(b"\r\n") + (1 if length else 0)
+    if head.count(b"\n") != lines or head.count(b"\r") != lines:
         raise UpstreamError("a header holds a line break")
-    return head.encode("utf-8", "surrogateescape")
+    return head
 
 
 def _default_ssl_context() -> ssl.SSLContext:
