@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 from aiohttp import web
 
@@ -106,26 +105,26 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every failure below a handler into the envelope; never an HTML page or a trace."""
-    return await call_with_envelope(request, handler)
-
-
-async def call_with_envelope(
-    request: web.BaseRequest, handler: Callable[..., Awaitable[web.StreamResponse]], *args: Any
-) -> web.StreamResponse:
-    """Run ``handler(request, *args)``, answering any failure with the envelope (what
-    error_middleware does, callable where there is no middleware layer)."""
     try:
-        return await handler(request, *args)
-    except ApiError as exc:
+        return await handler(request)
+    except Exception as exc:
+        return envelope_for(request, exc)
+
+
+def envelope_for(request: web.BaseRequest, exc: Exception) -> web.Response:
+    """The enveloped answer for an exception a handler raised.
+
+    aiohttp's redirects and other HTTP exceptions under 400 are not failures: re-raised.
+    """
+    if isinstance(exc, ApiError):
         return exc.response()
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         return _from_http_exception(request, exc)
-    except Exception:
-        # A bug of ours: log it (the formatter redacts secrets), answer without details.
-        server_log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "The server had an error processing your request.")
+    # A bug of ours: log it (the formatter redacts secrets), answer without details.
+    server_log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "The server had an error processing your request.")
 
 
 def _from_http_exception(request: web.BaseRequest, exc: web.HTTPException) -> web.Response:

@@ -8,14 +8,10 @@ only: never a body, a prompt, a query string or a secret.
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from ..errors import call_with_envelope
 from ..log import access_lines, redact_field
 from ..state import Services
 from .exchange import (
@@ -26,33 +22,6 @@ from .exchange import (
     metric_endpoint,
     new_request_id,
 )
-
-# What serves one request on the proxy port, given the process's services.
-ProxyHandler = Callable[[web.BaseRequest, Services], Awaitable[web.StreamResponse]]
-
-
-async def accounted(
-    request: web.BaseRequest, services: Services, handler: ProxyHandler
-) -> web.StreamResponse:
-    """Serve with ``handler``: errors become the envelope, then the request is counted
-    and logged."""
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await call_with_envelope(request, handler, services)
-        status = response.status
-        if not response.prepared:  # streams got these before their first byte
-            add_exchange_headers(request, response)
-        return response
-    except asyncio.CancelledError:
-        status = 499  # the caller went away
-        raise
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        latency_ms = (time.perf_counter() - started) * 1000
-        _account(services, request, status, latency_ms)
 
 
 def add_exchange_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
@@ -66,7 +35,8 @@ def add_exchange_headers(request: web.BaseRequest, response: web.StreamResponse)
     response.headers.setdefault("x-request-id", exchange.request_id)
 
 
-def _account(services: Services, request: web.BaseRequest, status: int, latency_ms: float) -> None:
+def account(services: Services, request: web.BaseRequest, status: int, latency_ms: float) -> None:
+    """Count the request and write its access line, once it is answered."""
     exchange = request.get(EXCHANGE)
     if exchange is not None and exchange.status:
         status = exchange.status  # e.g. 502 for a stream that broke after a 200 went out

@@ -2,19 +2,47 @@
 
 The port serves a single URL space (/v1), so it has no Application and no router: matching
 routes and building an Application's request cost every request about as much as all of the
-pool's bookkeeping together, for nothing. ``handle`` routes by hand instead.
+pool's bookkeeping together, for nothing. ``route`` picks the handler by hand instead, and
+the handler is awaited directly: every coroutine between the server and the upstream
+call is paid for on each suspension and resumption, so the chain is kept short.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
-from ..errors import ApiError
+from ..errors import ApiError, envelope_for
 from ..state import Services
 from . import forward, models
-from .access import accounted
+from .access import account, add_exchange_headers
+
+# What serves one request on the proxy port, given the process's services.
+ProxyHandler = Callable[[web.BaseRequest, Services], Awaitable[web.StreamResponse]]
+
+
+def route(request: web.BaseRequest) -> ProxyHandler:
+    """The handler for a request, by its decoded path as a router would (a decoded newline
+    included), then its raw path."""
+    path = request.path
+    if not path.startswith("/v1/"):
+        return _not_v1
+    # aiohttp decodes the path, so "/v%31/chat/completions" and absolute-form targets
+    # ("http://host/v1/...") arrive here too. The upstream URL is the key's base URL
+    # followed by the raw path minus its first three characters, so anything but a literal
+    # "/v1/" in front would be glued onto the base URL's path.
+    if not request.raw_path.startswith("/v1/"):
+        raise ApiError(400, "The request path must start with /v1/.", code="invalid_path")
+    if request.method == "GET":
+        if path == "/v1/models":
+            return models.list_models
+        if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
+            return models.get_model
+    return forward.handle
 
 
 async def _not_v1(request: web.BaseRequest, services: Services) -> web.StreamResponse:
@@ -26,28 +54,29 @@ async def _not_v1(request: web.BaseRequest, services: Services) -> web.StreamRes
     )
 
 
-async def _v1(request: web.BaseRequest, services: Services) -> web.StreamResponse:
-    # aiohttp decodes the path, so "/v%31/chat/completions" and absolute-form targets
-    # ("http://host/v1/...") land here too. The upstream URL is the key's base URL followed
-    # by the raw path minus its first three characters, so anything but a literal "/v1/" in
-    # front would be glued onto the base URL's path.
-    if not request.raw_path.startswith("/v1/"):
-        raise ApiError(400, "The request path must start with /v1/.", code="invalid_path")
-    if request.method == "GET":
-        path = request.path
-        if path == "/v1/models":
-            return await models.list_models(request, services)
-        if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
-            return await models.get_model(request, services)
-    return await forward.handle(request, services)
-
-
 def build_proxy_server(services: Services, **kwargs: Any) -> web.Server:
     """The proxy port's server; ``kwargs`` go to aiohttp's request handler."""
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
-        # The decoded path decides, as a router would; a decoded newline (%0A) included.
-        handler = _v1 if request.path.startswith("/v1/") else _not_v1
-        return await accounted(request, services, handler)
+        """Serve a request; errors become the envelope; count and log it once answered."""
+        started = time.perf_counter()
+        status = 500
+        try:
+            try:
+                response = await route(request)(request, services)
+            except Exception as exc:
+                response = envelope_for(request, exc)
+            status = response.status
+            if not response.prepared:  # streams got these before their first byte
+                add_exchange_headers(request, response)
+            return response
+        except asyncio.CancelledError:
+            status = 499  # the caller went away
+            raise
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            account(services, request, status, (time.perf_counter() - started) * 1000)
 
     return web.Server(handle, **kwargs)

@@ -73,30 +73,22 @@ def authenticate(request: web.BaseRequest, services: Services) -> Any:
 
 
 async def handle(request: web.BaseRequest, services: Services) -> web.StreamResponse:
+    """Serve a /v1 request: admit it against the caller's limits, forward it, record it."""
     principal = authenticate(request, services)
     exchange = open_exchange(request, principal)
     if services.draining:
         raise ApiError(503, "The proxy is shutting down; retry shortly.", code="shutting_down")
+    body: RequestBody | None = None
     if request.headers.get("Upgrade", "").lower() == "websocket":
         # A WebSocket session (the Realtime API) counts against the caller's limits and
         # leaves a usage row like any request; its model is in the query string.
         exchange.model, exchange.stream = request.query.get("model"), True
-        return await _serve(request, services, exchange, None)
+    else:
+        raw = await read_body(request, services.settings.proxy.max_body_mb * 1024 * 1024)
+        body = inspect_body(request.content_type, raw)
+        exchange.model, exchange.stream = body.model, body.stream
 
-    raw = await read_body(request, services.settings.proxy.max_body_mb * 1024 * 1024)
-    body = inspect_body(request.content_type, raw)
-    exchange.model, exchange.stream = body.model, body.stream
-    return await _serve(request, services, exchange, body)
-
-
-async def _serve(
-    request: web.BaseRequest, services: Services, exchange: Exchange, body: RequestBody | None
-) -> web.StreamResponse:
-    """Admit the request against the caller's limits, serve it, and record its usage.
-
-    ``body`` is None for a WebSocket upgrade.
-    """
-    user = exchange.principal.user
+    user = principal.user
     limiter = services.limiter
     limits = limiter.limits_for(user.limits)
     counters: UserCounters | None = None
@@ -124,7 +116,7 @@ async def _serve(
             tokens = exchange.tokens.total if exchange.tokens else None
             limiter.finish(counters, tokens, time.time())
         # Refused requests get a row too, so members and admins see limits being hit. The
-        # access line and the request count are written by proxy/access.py.
+        # access line and the request count are written by proxy/app.py.
         services.writer.record(exchange.usage_row())
 
 
@@ -210,28 +202,35 @@ async def _attempt(
             return Failure(f"key {key.id}: {reason}", Verdict(Outcome.SERVER_ERROR))
         services.metrics.observe_upstream_latency(time.perf_counter() - exchange.upstream_started)
         try:
-            return await _answer(request, services, exchange, key, upstream, injected)
+            status = upstream.status
+            now = key.last_used_at = time.time()
+            if status >= 400 or status in REDIRECTS:
+                return await _refused(services, exchange, key, upstream, injected)
+            pool.record(key, _OK, None, now)
+            exchange.status = status
+            whole = _whole_answer(exchange, upstream)
+            if whole is not None:
+                return whole
+            return await _relay(request, exchange, upstream, injected)
         finally:
             upstream.release()
     finally:
         key.end()
 
 
-async def _answer(
-    request: web.BaseRequest,
+_OK = Verdict(Outcome.OK)
+
+
+async def _refused(
     services: Services,
     exchange: Exchange,
     key: PooledKey,
     upstream: UpstreamResponse,
     injected: bool,
 ) -> web.StreamResponse | Failure:
+    """An answer of 300 or more: why the key failed, RESEND, or the caller's error."""
     status = upstream.status
-    now = time.time()
-    key.last_used_at = now
-    if status < 400 and status not in REDIRECTS:
-        services.pool.record(key, Verdict(Outcome.OK), None, now)
-        exchange.status = status
-        return await _relay(request, exchange, upstream, injected)
+    now = key.last_used_at
     if status in REDIRECTS:
         # Never followed, never relayed: a redirect could point the caller or us anywhere.
         exchange.status = 502
@@ -248,7 +247,7 @@ async def _answer(
         services.pool.dirty.add(key.id)
         return RESEND
     verdict = classify_response(status, upstream.headers, error)
-    services.pool.record(key, verdict, _error_text(status, error), now)
+    services.pool.record(key, verdict, _error_text(status, error), now or time.time())
     if verdict.outcome in RETRYABLE:
         upstream_log.info("key %d: upstream answered %d; trying another key", key.id, status)
         return Failure(f"key {key.id} got {_status_words(status, verdict)}", verdict)
@@ -382,23 +381,48 @@ def _all_failed(
     )
 
 
+def _whole_answer(exchange: Exchange, upstream: UpstreamResponse) -> web.Response | None:
+    """The caller's response, when the answer already arrived whole and may be sent in one
+    write; None when it has to be waited for or relayed piece by piece."""
+    if not _bufferable(upstream):
+        return None
+    data = upstream.body_if_complete()
+    return None if data is None else _buffered(exchange, upstream, data)
+
+
 async def _relay(
     request: web.BaseRequest, exchange: Exchange, upstream: UpstreamResponse, injected: bool
 ) -> web.StreamResponse:
+    if _bufferable(upstream):
+        return _buffered(exchange, upstream, await upstream.read())
     headers = caller_response_headers(upstream.headers, exchange.request_id)
-    content_type = upstream.headers.get("Content-Type", "")
-    # A compressed answer comes without a length (its decoded size is unknown), so it is
-    # streamed with bounded memory rather than read whole.
-    length = upstream.content_length
-    is_sse = content_type.startswith("text/event-stream")
-    if not is_sse and length is not None and length <= BUFFER_LIMIT:
-        data = await upstream.read()
-        if b'"usage"' in data and content_type.startswith("application/json"):
-            exchange.tokens = _usage_of(data)
-        if exchange.watch is not None:
-            exchange.watch.feed(data)
-        return web.Response(status=upstream.status, body=data, headers=headers)
+    is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
     return await _relay_stream(request, exchange, upstream, headers, is_sse, injected)
+
+
+def _bufferable(upstream: UpstreamResponse) -> bool:
+    # Small answers with a length go out in one write; streams, big answers and compressed
+    # ones (which arrive without a length: their decoded size is unknown) are relayed
+    # piece by piece with bounded memory.
+    length = upstream.content_length
+    return (
+        length is not None
+        and length <= BUFFER_LIMIT
+        and not upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+    )
+
+
+def _buffered(exchange: Exchange, upstream: UpstreamResponse, data: bytes) -> web.Response:
+    headers = upstream.headers
+    if b'"usage"' in data and headers.get("Content-Type", "").startswith("application/json"):
+        exchange.tokens = _usage_of(data)
+    if exchange.watch is not None:
+        exchange.watch.feed(data)
+    return web.Response(
+        status=upstream.status,
+        body=data,
+        headers=caller_response_headers(headers, exchange.request_id),
+    )
 
 
 _DECODER = json.JSONDecoder()

@@ -94,15 +94,21 @@ class UpstreamClient:
         head = _request_head(method, target, origin.host_header, headers, body)
         head_only = method == "HEAD"
         connection = self._idle_connection(origin)
-        if connection is not None:
+        while True:
+            if connection is None:
+                connection = await self._connect(origin)
             try:
+                # send() returns a future rather than being a coroutine: one coroutine
+                # fewer for every answer to pass through.
                 return await connection.send(head, body, head_only)
             except StaleConnection:
-                upstream_log.debug(
-                    "kept-alive connection to %s was closed; reconnecting", origin.host
-                )
-        connection = await self._connect(origin)
-        return await connection.send(head, body, head_only)
+                if not connection.reused:
+                    raise  # cannot happen: only kept-alive connections go stale
+                upstream_log.debug("kept-alive connection to %s was closed", origin.host)
+                connection = None  # send again on a new connection
+            except asyncio.CancelledError:
+                connection.abort()
+                raise
 
     async def close(self) -> None:
         self._closed = True

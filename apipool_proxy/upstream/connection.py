@@ -79,6 +79,16 @@ class UpstreamResponse:
 
     # -- reading ---------------------------------------------------------------------------
 
+    def body_if_complete(self) -> bytes | None:
+        """The whole body when it has already arrived and needs no decoding, else None."""
+        if not self._done or self._error is not None or self._encoding is not None:
+            return None
+        chunks = self._chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return data
+
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body, or its first ``limit`` bytes (the rest is left unread)."""
         parts: list[bytes] = []
@@ -225,8 +235,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- used by the client ----------------------------------------------------------------
 
-    async def send(self, head: bytes, body: bytes, head_only: bool) -> UpstreamResponse:
-        """Write one request and wait for the answer's headers."""
+    def send(self, head: bytes, body: bytes, head_only: bool) -> asyncio.Future[UpstreamResponse]:
+        """Write one request; the future holds the answer once its headers are in.
+
+        Whoever awaits it must call ``abort()`` when cancelled.
+        """
         transport = self._transport
         if self.closed or transport is None or transport.is_closing():
             raise StaleConnection()
@@ -243,11 +256,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             transport.write(head)
             transport.write(body)
-        try:
-            return await waiter
-        except asyncio.CancelledError:
-            self._abort()
-            raise
+        return waiter
 
     def finish(self, reusable: bool) -> None:
         """The answer was taken: back to the pool if possible, otherwise closed."""
@@ -259,7 +268,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self.on_reusable is not None:
                 self.on_reusable(self)
             return
-        self._abort()
+        self.abort()
 
     def close(self) -> None:
         self.closed = True
@@ -284,7 +293,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._response is None:
-            self._abort()  # bytes nobody asked for: the connection cannot be trusted
+            self.abort()  # bytes nobody asked for: the connection cannot be trusted
             return
         self._last_read = self._loop.time()
         self._response._received = True
@@ -292,7 +301,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError:
             self._fail(UpstreamProtocolError())
-            self._abort()
+            self.abort()
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -381,14 +390,14 @@ class UpstreamConnection(asyncio.Protocol):
             )
             return
         self._fail(UpstreamTimeout())
-        self._abort()
+        self.abort()
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         self.closed = True
         self._stop_timer()
         if self._transport is not None:
