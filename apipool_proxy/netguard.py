@@ -6,11 +6,13 @@ Anyone may contribute a key with its own ``base_url``, so the guard works in thr
    in disguise (``0x7f000001``, ``127.1``) and well-known internal names.
 2. ``check_upstream_host`` when a key is contributed: resolve the host once and tell the user
    in plain words why it is refused.
-3. ``GuardedConnector`` on every connect. DNS answers can change between the check and the
-   request (DNS rebinding), so the addresses that are actually dialled are filtered again:
-   ``GuardedResolver`` drops refused addresses from every lookup, and a socket factory
-   refuses the final socket address, which also covers IP-literal hosts that aiohttp
-   never passes to a resolver.
+3. On every connect. DNS answers can change between the check and the request (DNS
+   rebinding), so the addresses that are actually dialled are judged again by
+   ``AddressPolicy``: the upstream client (``apipool_proxy.upstream``) resolves, checks
+   each address and connects to that very address. For aiohttp's client (WebSocket
+   upgrades), ``GuardedConnector`` does the same: ``GuardedResolver`` drops refused
+   addresses from every lookup, and a socket factory refuses the final socket address,
+   which also covers IP-literal hosts that aiohttp never passes to a resolver.
 """
 
 import errno

@@ -144,7 +144,7 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Hand the connection back for reuse when the answer was read to its end, else close."""
-        self._connection.finish(self._done and self._error is None)
+        self._connection.finish(self, self._done and self._error is None)
 
     # -- fed by the connection -------------------------------------------------------------
 
@@ -258,8 +258,10 @@ class UpstreamConnection(asyncio.Protocol):
             transport.write(body)
         return waiter
 
-    def finish(self, reusable: bool) -> None:
+    def finish(self, response: UpstreamResponse, reusable: bool) -> None:
         """The answer was taken: back to the pool if possible, otherwise closed."""
+        if response is not self._response:
+            return  # released twice: the connection may already carry another request
         self._stop_timer()
         self._response = None
         if reusable and self._keep_alive and not self.closed:
