@@ -137,12 +137,16 @@ class UpstreamClient:
         known = self._origins.get(base_url)
         if known is not None:
             return known
-        parts = urlsplit(base_url)
+        try:
+            parts = urlsplit(base_url)
+            port = parts.port
+        except ValueError:  # a port that is not a number, or out of range
+            raise UpstreamConnectError() from None
         scheme = parts.scheme.lower()
         if scheme not in _DEFAULT_PORTS or not parts.hostname:
             raise UpstreamConnectError()
         host = parts.hostname
-        port = parts.port or _DEFAULT_PORTS[scheme]
+        port = port or _DEFAULT_PORTS[scheme]
         shown = f"[{host}]" if ":" in host else host
         host_header = shown if port == _DEFAULT_PORTS[scheme] else f"{shown}:{port}"
         # Keys sharing a scheme, host and port share their connections too.
@@ -243,10 +247,16 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
 
 
 def header_block(headers: Iterable[tuple[str, str]]) -> bytes:
-    """Header pairs as the block of lines ``UpstreamClient.request`` takes."""
-    return "".join(f"{name}: {value}\r\n" for name, value in headers).encode(
-        "utf-8", "surrogateescape"
-    )
+    """Header pairs as the block of lines ``UpstreamClient.request`` takes.
+
+    Raises UpstreamError when a name or value holds a line break.
+    """
+    lines = []
+    for name, value in headers:
+        if "\r" in name or "\n" in name or "\r" in value or "\n" in value:
+            raise UpstreamError("a header holds a line break")
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
 
 
 def _request_head(method: str, target: str, host: str, headers: bytes, body: bytes) -> bytes:

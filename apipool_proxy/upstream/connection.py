@@ -192,10 +192,11 @@ def _inflater(encoding: str) -> zlib._Decompress:
 
 
 class _DeflateInflater:
-    """A decompressobj for "deflate" that decides between zlib and raw on the first byte."""
+    """A decompressobj for "deflate" that decides between zlib and raw on the first bytes."""
 
     def __init__(self) -> None:
         self._inner: zlib._Decompress | None = None
+        self._start = b""  # the first byte, while it arrives alone
 
     @property
     def unconsumed_tail(self) -> bytes:
@@ -203,12 +204,27 @@ class _DeflateInflater:
 
     def decompress(self, data: bytes, max_length: int) -> bytes:
         if self._inner is None:
-            zlib_header = bool(data) and data[0] & 0x0F == 8 and int.from_bytes(data[:2]) % 31 == 0
-            self._inner = zlib.decompressobj(wbits=15 if zlib_header else -15)
+            data = self._start + data
+            if len(data) < 2:
+                self._start = data
+                return b""
+            self._inner = _deflate_for(data)
         return self._inner.decompress(data, max_length)
 
     def flush(self) -> bytes:
-        return self._inner.flush() if self._inner is not None else b""
+        if self._inner is None:
+            if not self._start:
+                return b""
+            self._inner = _deflate_for(self._start)
+            return self._inner.decompress(self._start) + self._inner.flush()
+        return self._inner.flush()
+
+
+def _deflate_for(start: bytes) -> zlib._Decompress:
+    # A zlib header: compression method 8 in the low nibble, the first two bytes a
+    # multiple of 31 (RFC 1950).
+    zlib_header = start[0] & 0x0F == 8 and int.from_bytes(start[:2]) % 31 == 0
+    return zlib.decompressobj(wbits=15 if zlib_header else -15)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -301,7 +317,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._response._received = True
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # Invalid HTTP, a second answer, or a protocol switch nobody asked for.
             self._fail(UpstreamProtocolError())
             self.abort()
 
@@ -314,14 +331,22 @@ class UpstreamConnection(asyncio.Protocol):
         response = self._response
         if response is None:
             return
-        if response.status and self._reads_until_close(response):
-            response._complete()  # a body without length or chunks ends with the connection
+        if response.status and exc is None and self._reads_until_close(response):
+            # A body without length or chunks ends when the connection does; a reset
+            # (exc is set) cuts it short instead.
+            response._complete()
         elif response._received:
             self._fail(UpstreamClosed())
         else:
             self._fail(StaleConnection() if self.reused else UpstreamClosed())
 
     # -- httptools callbacks -----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        response = self._response
+        if response is not None and response.status:
+            # A second answer to one request: whatever it is, the connection is unusable.
+            raise UpstreamProtocolError("bytes after the end of the answer")
 
     def on_status(self, status: bytes) -> None:
         if self._response is not None:
