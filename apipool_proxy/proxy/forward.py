@@ -466,19 +466,27 @@ async def _relay_stream(
     # A JSON answer without a Content-Length (sent chunked) still reports its usage.
     is_json = upstream.headers.get("Content-Type", "").startswith("application/json")
     json_tap = JsonTap(BUFFER_LIMIT) if is_json else None
+    last = b""  # sent together with the end of the body: one write fewer per stream
     try:
-        async for chunk in upstream.iter_chunks():
+        while True:
+            chunk = upstream.take()
+            if chunk is None:
+                await upstream.arrival()
+                continue
+            if not chunk:
+                break
             if watch is not None and tap is None:
                 watch.feed(chunk)
             if json_tap is not None:
                 json_tap.feed(chunk)
             out = tap.feed(chunk) if tap is not None else chunk
+            if upstream.drained():
+                last = out
+                break
             if out:
                 await response.write(out)
         if tap is not None:
-            rest = tap.flush()
-            if rest:
-                await response.write(rest)
+            last += tap.flush()
         if json_tap is not None:
             exchange.tokens = json_tap.usage()
     except ConnectionResetError:
@@ -495,7 +503,7 @@ async def _relay_stream(
             if watch is not None:
                 watch.first_event = tap.first_event
     try:
-        await response.write_eof()
+        await response.write_eof(last)
     except ConnectionResetError:
         # openai-python waits 0.1 s for the end of a stream after "[DONE]", then hangs up:
         # the caller already has the whole answer.
