@@ -25,6 +25,7 @@ from ..upstream import UpstreamError, UpstreamResponse
 from . import sticky
 from .access import add_exchange_headers
 from .body import RequestBody, inspect_body, read_body
+from .chunked import ChunkedBody
 from .exchange import Exchange, open_exchange
 from .headers import caller_response_headers, upstream_header_block
 from .sse import JsonTap, UsageTap, usage_from
@@ -460,6 +461,7 @@ async def _relay_stream(
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=headers)
     add_exchange_headers(request, response)  # before the first byte, while headers can change
+    body = ChunkedBody.for_request(request, response)
     await response.prepare(request)
     watch = exchange.watch
     tap = UsageTap(injected, keep_first_event=watch is not None) if is_sse else None
@@ -483,8 +485,12 @@ async def _relay_stream(
             if upstream.drained():
                 last = out
                 break
-            if out:
+            if not out:
+                continue
+            if body is None:
                 await response.write(out)
+            elif body.write(out):
+                await body.drain()
         if tap is not None:
             last += tap.flush()
         if json_tap is not None:
