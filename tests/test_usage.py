@@ -15,6 +15,8 @@ import openai
 import pytest
 from aiohttp import web
 
+from apipool_proxy.storage import Database
+from apipool_proxy.storage.database import _insert_usage_sql
 from apipool_proxy.usage import USAGE_COLUMNS, UsageRow, WriteBehind
 
 from .fake_upstream import FakeUpstream
@@ -393,3 +395,21 @@ async def test_a_failed_batch_is_kept_for_the_next_flush():
     writer.record(_record(1))
     await writer.flush()
     assert [row[-1] for row in db.rows] == ["req_0", "req_1"]
+
+
+async def test_batches_of_any_size_are_written_whole_with_few_statement_shapes(tmp_path):
+    db = await Database.open(str(tmp_path / "usage.db"))
+    try:
+        sizes = [1, 3, 511, 512, 513, 1500, 2047, 777]
+        rows = [_record(n) for n in range(sum(sizes))]
+        start = 0
+        for size in sizes:
+            await db.insert_usage(rows[start : start + size])
+            start += size
+        written = await db.usage_rows(0, time.time() + 1, None, None)
+    finally:
+        await db.close()
+    assert len(written) == len(rows)
+    # Every batch size is cut into the same few statement sizes, so the statement cache
+    # (one prepared statement per distinct SQL text) cannot fill with huge statements.
+    assert _insert_usage_sql.cache_info().currsize <= 11

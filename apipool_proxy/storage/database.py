@@ -7,6 +7,7 @@ API has acknowledged survives the process being killed.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sqlite3
 from collections.abc import Iterable, Sequence
@@ -47,11 +48,29 @@ USAGE_COLUMNS = (
     "total_ms",
     "request_id",
 )
-_INSERT_USAGE = f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES "  # noqa: S608
 _USAGE_ROW = "(" + ",".join("?" * len(USAGE_COLUMNS)) + ")"
-# SQLite's default limit on parameters per statement since 3.32 is 32766; older builds
-# allow 999, which still fits 62 rows.
+# SQLite allows 32766 parameters per statement since 3.32 and 999 before.
 _MAX_VARIABLES = 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+_LARGEST_STATEMENT = min(512, _MAX_VARIABLES // len(USAGE_COLUMNS))
+
+
+def _statement_sizes(rows: int) -> list[int]:
+    """Rows per INSERT for a batch: the largest size while it fits, then powers of two."""
+    sizes = [_LARGEST_STATEMENT] * (rows // _LARGEST_STATEMENT)
+    rest = rows % _LARGEST_STATEMENT
+    size = 1 << rest.bit_length()
+    while rest:
+        size >>= 1
+        if rest >= size:
+            sizes.append(size)
+            rest -= size
+    return sizes
+
+
+@functools.cache
+def _insert_usage_sql(rows: int) -> str:
+    values = ",".join([_USAGE_ROW] * rows)
+    return f"INSERT INTO usage ({', '.join(USAGE_COLUMNS)}) VALUES {values}"  # noqa: S608
 
 
 class Database:
@@ -232,17 +251,17 @@ class Database:
         Each row is a tuple in USAGE_COLUMNS order. Rows go in a few multi-row INSERTs
         rather than one executemany: executemany gives up the GIL once per row, and each
         time the event loop thread has to hand it back, which under load cost the request
-        path more than the insert itself.
+        path more than the insert itself. The statements have a few fixed sizes (powers of
+        two), so the connection's statement cache holds a handful of them, not one per
+        batch size.
         """
-        width = len(USAGE_COLUMNS)
-        per_statement = max(1, _MAX_VARIABLES // width)
         try:
-            for start in range(0, len(rows), per_statement):
-                chunk = rows[start : start + per_statement]
-                values = ",".join([_USAGE_ROW] * len(chunk))
+            start = 0
+            for size in _statement_sizes(len(rows)):
+                chunk = rows[start : start + size]
+                start += size
                 await self._conn.execute(
-                    _INSERT_USAGE + values,  # noqa: S608 - placeholders only, no data
-                    list(itertools.chain.from_iterable(chunk)),
+                    _insert_usage_sql(size), list(itertools.chain.from_iterable(chunk))
                 )
             await self._conn.commit()
         except sqlite3.Error:
