@@ -246,11 +246,13 @@ class AccessLog:
 
     def _direct(self, handler: BufferedLineHandler) -> bool:
         # Only while the line would reach our handler and nothing else.
+        handlers = _ROOT.handlers
         return (
-            access_log.isEnabledFor(logging.INFO)
+            len(handlers) == 1
+            and handlers[0] is handler
             and not access_log.handlers
             and access_log.propagate
-            and _ROOT.handlers == [handler]
+            and access_log.isEnabledFor(logging.INFO)
         )
 
     def _timestamp(self, now: float, utc: bool) -> str:

@@ -38,12 +38,12 @@ def add_exchange_headers(request: web.BaseRequest, response: web.StreamResponse)
 def account(services: Services, request: web.BaseRequest, status: int, latency_ms: float) -> None:
     """Count the request and write its access line, once it is answered."""
     exchange = request.get(EXCHANGE)
-    if exchange is not None and exchange.status:
-        status = exchange.status  # e.g. 502 for a stream that broke after a 200 went out
-    endpoint = exchange.endpoint if exchange is not None else endpoint_of(request.path)
-    model = exchange.model if exchange is not None else None
-    known = model is not None and model in services.pool.known_models
-    label = model if known and model is not None else "other"
+    if exchange is not None:
+        status = exchange.status or status  # e.g. 502 for a stream that broke after a 200
+        endpoint, model = exchange.endpoint, exchange.model
+    else:
+        endpoint, model = endpoint_of(request.path), None
+    label = model if model is not None and model in services.pool.known_models else "other"
     services.metrics.count_request(metric_endpoint(endpoint), label, status)
     log = services.settings.log
     if log.access_log:
@@ -57,29 +57,32 @@ def _log(
     latency_ms: float,
     as_json: bool,
 ) -> None:
-    # The path as sent (still percent-encoded): a decoded %0A would start a forged line.
-    # The caller chose the method, the path and the model, so those are redacted here.
-    method = redact_field(request.method)
-    path = redact_field(request.rel_url.raw_path)
-    model = redact_field(_printable(exchange.model)) if exchange and exchange.model else "-"
+    # The path as sent (still percent-encoded: a decoded %0A would start a forged line),
+    # without its query. The caller chose the method, the path and the model, so those are
+    # redacted; a few of each repeat endlessly, so their clean forms are remembered.
+    target = redact_field(f"{request.method} {request.raw_path.partition('?')[0]}")
+    user: object
+    key: object
     if exchange is None:
-        user, key, attempts = "-", "-", 0
+        user, key, model, attempts = "-", "-", "-", 0
     else:
-        user = str(exchange.principal.user.id)
-        key = str(exchange.key.id) if exchange.key else "-"
+        user = exchange.principal.user.id
+        key = exchange.key.id if exchange.key else "-"
+        model = _model_text(exchange.model) if exchange.model else "-"
         attempts = exchange.attempts
     message = (
-        f"{method} {path} {status} user={user} key={key} model={model}"
+        f"{target} {status} user={user} key={key} model={model}"
         f" attempts={attempts} latency_ms={latency_ms:.1f}"
     )
-    fields = _json_fields(exchange, method, path, model, status, latency_ms) if as_json else None
+    fields = _json_fields(exchange, target, model, status, latency_ms) if as_json else None
     access_lines.write(message, fields)
 
 
 def _json_fields(
-    exchange: Exchange | None, method: str, path: str, model: str, status: int, latency_ms: float
+    exchange: Exchange | None, target: str, model: str, status: int, latency_ms: float
 ) -> dict[str, Any]:
     """The line's values as JSON fields (built only for ``log.format: json``)."""
+    method, _, path = target.partition(" ")
     fields: dict[str, Any] = {
         "request_id": exchange.request_id if exchange else None,
         "method": method,
@@ -96,6 +99,9 @@ def _json_fields(
     return fields
 
 
-def _printable(text: str) -> str:
-    text = text[:MAX_MODEL_CHARS]
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+def _model_text(model: str) -> str:
+    """The model as the access line shows it: printable, bounded, redacted."""
+    text = model[:MAX_MODEL_CHARS]
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return redact_field(text)

@@ -21,6 +21,19 @@ class RequestBody:
     stream: bool
 
 
+def arrived_body(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The whole body when all of it has already arrived with a declared length, else None
+    (then ``read_body``). Most JSON bodies come in the packet that carries the headers."""
+    length = request.content_length
+    content = request.content
+    if length is None or length > limit or not content.is_eof():
+        return None
+    data = content.read_nowait(-1)
+    if len(data) != length:
+        raise ApiError(400, "The request body ended early.", code="invalid_body")
+    return data
+
+
 async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     """The whole body, refusing anything over ``limit`` bytes with 413."""
     length = request.content_length

@@ -79,6 +79,20 @@ def new_request_id() -> str:
 
 def endpoint_of(path: str) -> str:
     """A bounded label for a /v1 path: "/chat/completions", "/files", "/audio/speech"..."""
+    endpoint = _ENDPOINTS.get(path)
+    if endpoint is None:
+        endpoint = _endpoint_of(path)
+        if len(_ENDPOINTS) >= 1024:
+            _ENDPOINTS.clear()  # bounded: paths with object ids are many and seen once
+        _ENDPOINTS[path] = endpoint
+    return endpoint
+
+
+# Endpoints of recent paths: most requests use the same few.
+_ENDPOINTS: dict[str, str] = {}
+
+
+def _endpoint_of(path: str) -> str:
     parts = path[3:].split("/", 3)  # path starts with "/v1"
     if len(parts) < 2 or not parts[1]:
         return "/"

@@ -24,7 +24,7 @@ from ..state import Services
 from ..upstream import UpstreamError, UpstreamResponse
 from . import sticky
 from .access import add_exchange_headers
-from .body import RequestBody, inspect_body, read_body
+from .body import RequestBody, arrived_body, inspect_body, read_body
 from .chunked import ChunkedBody
 from .exchange import Exchange, open_exchange
 from .headers import caller_response_headers, upstream_header_block
@@ -85,7 +85,10 @@ async def handle(request: web.BaseRequest, services: Services) -> web.StreamResp
         # leaves a usage row like any request; its model is in the query string.
         exchange.model, exchange.stream = request.query.get("model"), True
     else:
-        raw = await read_body(request, services.settings.proxy.max_body_mb * 1024 * 1024)
+        limit = services.settings.proxy.max_body_mb * 1024 * 1024
+        raw = arrived_body(request, limit)
+        if raw is None:
+            raw = await read_body(request, limit)
         body = inspect_body(request.content_type, raw)
         exchange.model, exchange.stream = body.model, body.stream
 
