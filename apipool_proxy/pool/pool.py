@@ -26,6 +26,25 @@ class NoKeyAvailable(Exception):
         self.retry_after = retry_after
 
 
+# Above this many keys of equal rank, least_busy compares two keys picked at random.
+_SAMPLE_ABOVE = 4
+
+
+def _less_busy_of_two(
+    offered: tuple[tuple[int, PooledKey], ...], tried: set[int], now: float
+) -> PooledKey | None:
+    """The less busy of two different keys picked at random; None unless both are ready."""
+    count = len(offered)
+    first = int(random.random() * count)  # noqa: S311 - load spreading, not security
+    second = int(random.random() * (count - 1))  # noqa: S311
+    if second >= first:
+        second += 1
+    a, b = offered[first][1], offered[second][1]
+    if not (a.ready(now) and b.ready(now)) or a.id in tried or b.id in tried:
+        return None
+    return a if a.in_flight <= b.in_flight else b
+
+
 # A rank outweighs any number of requests in flight.
 _RANK_WEIGHT = 1 << 40
 _NO_SCORE = 2 * _RANK_WEIGHT
@@ -136,10 +155,16 @@ class KeyPool:
         found = self._offered_cache.get((model, user_id))
         if found is None:
             prefer_own = self.prefer_own_keys
+            # Sorted by rank (then id): equal ranks show as equal first and last entries.
             found = tuple(
-                (0 if prefer_own and key.owner_id == user_id else 1, key)
-                for key in self._serving(model)
-                if key.usable_by(user_id)
+                sorted(
+                    (
+                        (0 if prefer_own and key.owner_id == user_id else 1, key)
+                        for key in self._serving(model)
+                        if key.usable_by(user_id)
+                    ),
+                    key=lambda entry: (entry[0], entry[1].id),
+                )
             )
             if len(self._offered_cache) >= 4096:
                 self._offered_cache.clear()  # bounded: callers choose the model names
@@ -154,9 +179,16 @@ class KeyPool:
         requests in flight win next; the strategy decides among the keys left equal.
         """
         least_busy = self.strategy == "least_busy"
+        offered = self._offered(model, user_id)
+        if least_busy and len(offered) > _SAMPLE_ABOVE and offered[0][0] == offered[-1][0]:
+            # Many keys of equal rank: the less busy of two picked at random ("power of two
+            # choices"), which spreads load almost as well as scanning them all.
+            key = _less_busy_of_two(offered, tried, now)
+            if key is not None:
+                return key
         best = _NO_SCORE  # score of the keys in ``equal``: rank first, then load
         equal: list[PooledKey] = []
-        for rank, key in self._offered(model, user_id):
+        for rank, key in offered:
             if not key.ready(now) or key.id in tried:
                 continue
             score = rank * _RANK_WEIGHT + (key.in_flight if least_busy else 0)

@@ -1,0 +1,71 @@
+"""Choosing keys: the strategies over the real KeyPool, no server needed."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from apipool_proxy.pool import KeyPool, KeyStatus, PooledKey
+
+MODEL = "gpt-4o-mini"
+
+
+def _pool(count: int, owner: int = 1) -> KeyPool:
+    pool = KeyPool("least_busy", prefer_own_keys=True)
+    for key_id in range(1, count + 1):
+        pool.add(
+            PooledKey(
+                id=key_id,
+                owner_id=owner,
+                base_url="https://api.example.com/v1",
+                secret=f"sk-test-{key_id:04d}",
+                masked="sk-...",
+                models=frozenset({MODEL}),
+            )
+        )
+    return pool
+
+
+def _choices(pool: KeyPool, user_id: int, rounds: int = 2000) -> Counter[int]:
+    now = time.time()
+    return Counter(pool.choose(MODEL, user_id, set(), now).id for _ in range(rounds))
+
+
+def test_least_busy_never_picks_the_busiest_of_many_keys_and_spreads_over_the_rest():
+    pool = _pool(8)
+    pool.get(3).in_flight = 5  # type: ignore[union-attr]
+    picked = _choices(pool, user_id=2)
+    assert 3 not in picked
+    assert set(picked) == {1, 2, 4, 5, 6, 7, 8}
+    assert min(picked.values()) > 2000 / 7 / 3  # roughly even, not one favourite
+
+
+def test_least_busy_with_many_keys_skips_keys_that_are_not_ready():
+    pool = _pool(8)
+    for key_id in (1, 2, 3, 4, 5, 6):
+        pool.get(key_id).status = KeyStatus.INVALID  # type: ignore[union-attr]
+    pool.get(8).in_flight = 1  # type: ignore[union-attr]
+    assert set(_choices(pool, user_id=2, rounds=200)) == {7}  # ready and least busy
+
+
+def test_own_keys_win_over_the_pool_even_among_many():
+    pool = _pool(8, owner=1)
+    pool.add(
+        PooledKey(
+            id=99,
+            owner_id=2,
+            base_url="https://api.example.com/v1",
+            secret="sk-test-own-key",
+            masked="sk-...",
+            models=frozenset({MODEL}),
+        )
+    )
+    pool.get(99).in_flight = 50  # busy, but the caller's own  # type: ignore[union-attr]
+    assert set(_choices(pool, user_id=2, rounds=200)) == {99}
+
+
+def test_tried_keys_are_not_chosen_again():
+    pool = _pool(6)
+    tried = {1, 2, 3, 4, 5}
+    now = time.time()
+    assert {pool.choose(MODEL, 2, tried, now).id for _ in range(100)} == {6}
