@@ -103,6 +103,8 @@ class Limiter:
     def headers(self, counters: UserCounters, limits: Limits, now: float) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for the caller's own per-minute limits."""
         headers: dict[str, str] = {}
+        if limits.rpm is None and limits.tpm is None:
+            return headers
         if limits.rpm is not None:
             reset = max(0.0, counters.frees_at(1) - now)
             headers["x-ratelimit-limit-requests"] = str(limits.rpm)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -123,7 +123,7 @@ class Exchange:
     # Set when the answer may create or delete an object on the upstream account.
     watch: AnswerWatch | None = None
     # The caller's x-ratelimit-* headers, set on admission and sent with the response.
-    rate_headers: dict[str, str] = field(default_factory=dict)
+    rate_headers: dict[str, str] | None = None
 
     def usage_row(self) -> UsageRow:
         """This request's usage row, its values in the usage table's column order."""

@@ -163,7 +163,8 @@ async def _forward(
             exchange.attempts -= 1  # the same attempt, resent as the caller asked
             response = await _attempt(request, services, exchange, body, key)
         if isinstance(response, web.StreamResponse):
-            await sticky.after_response(services, exchange)
+            if exchange.watch is not None:  # the answer may create or delete an object
+                await sticky.after_response(services, exchange)
             return response
         failures.append(response.reason)
         verdicts.append(response.verdict)
