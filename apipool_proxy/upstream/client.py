@@ -37,7 +37,9 @@ from .connection import UpstreamConnection, UpstreamResponse
 from .errors import StaleConnection, UpstreamConnectError, UpstreamError, UpstreamTimeout
 
 KEEPALIVE_SECONDS = 15.0
-MAX_IDLE_PER_ORIGIN = 512
+# Idle connections kept per origin: enough for a burst of streams to end without closing
+# any (a new TLS connection costs a handshake; an idle one a few kilobytes until swept).
+MAX_IDLE_PER_ORIGIN = 4096
 DNS_TTL_SECONDS = 10.0
 SWEEP_SECONDS = 5.0
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
@@ -71,6 +73,7 @@ class UpstreamClient:
         self._origins: dict[str, tuple[Origin, str]] = {}
         self._addresses: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._closed = False
+        self._running_loop: asyncio.AbstractEventLoop | None = None
 
     async def request(
         self,
@@ -159,11 +162,19 @@ class UpstreamClient:
         self._origins[base_url] = known
         return known
 
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        # Kept, not looked up each time: asyncio.get_running_loop() makes a getpid() system
+        # call on every use (a guard against forks), which costs more than it seems.
+        loop = self._running_loop
+        if loop is None:
+            loop = self._running_loop = asyncio.get_running_loop()
+        return loop
+
     def _idle_connection(self, origin: Origin) -> UpstreamConnection | None:
         idle = origin.idle
         if not idle:
             return None
-        cutoff = asyncio.get_running_loop().time() - KEEPALIVE_SECONDS
+        cutoff = self._loop().time() - KEEPALIVE_SECONDS
         while idle:
             connection = idle.pop()
             if not connection.closed and connection.idle_since > cutoff:
@@ -176,7 +187,7 @@ class UpstreamClient:
         if self._closed or len(origin.idle) >= MAX_IDLE_PER_ORIGIN:
             connection.close()
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = connection.loop.time()
         origin.idle.append(connection)
 
     async def _connect(self, origin: Origin) -> UpstreamConnection:

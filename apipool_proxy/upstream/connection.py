@@ -131,7 +131,7 @@ class UpstreamResponse:
         """A future done when the body has moved on: bytes came, it ended, or it broke."""
         waiter = self._waiter
         if waiter is None or waiter.done():
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = self._connection.loop.create_future()
         return waiter
 
     def drained(self) -> bool:
@@ -273,7 +273,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.reused = False
         self.idle_since = 0.0
         self.closed = False
-        self._loop = loop
+        self.loop = loop
         self._read_timeout = read_timeout
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
@@ -301,10 +301,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._response = response
         self._head_only = head_only
         self._keep_alive = False
-        waiter = self._loop.create_future()
+        waiter = self.loop.create_future()
         self._headers_waiter = waiter
-        self._last_read = self._loop.time()
-        self._timer = self._loop.call_at(self._last_read + self._read_timeout, self._check_silence)
+        self._last_read = self.loop.time()
+        self._timer = self.loop.call_at(self._last_read + self._read_timeout, self._check_silence)
         if len(body) < JOIN_LIMIT:
             transport.write(head + body)
         else:
@@ -339,7 +339,7 @@ class UpstreamConnection(asyncio.Protocol):
     def resume_reading(self) -> None:
         if self._paused and self._transport is not None:
             self._paused = False
-            self._last_read = self._loop.time()  # a pause was ours, not the upstream's silence
+            self._last_read = self.loop.time()  # a pause was ours, not the upstream's silence
             self._transport.resume_reading()
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -351,7 +351,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._response is None:
             self.abort()  # bytes nobody asked for: the connection cannot be trusted
             return
-        self._last_read = self._loop.time()
+        self._last_read = self.loop.time()
         self._response._received = True
         try:
             self._parser.feed_data(data)
@@ -447,10 +447,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self._response is None:
             return
         due = self._last_read + self._read_timeout
-        if self._paused or due > self._loop.time():
+        if self._paused or due > self.loop.time():
             # Our own pause is not the upstream's silence; otherwise wait out the rest.
-            base = self._loop.time() if self._paused else due
-            self._timer = self._loop.call_at(
+            base = self.loop.time() if self._paused else due
+            self._timer = self.loop.call_at(
                 base + (self._read_timeout if self._paused else 0), self._check_silence
             )
             return
