@@ -15,7 +15,6 @@ from aiohttp import web
 from ..log import access_lines, redact_field
 from ..state import Services
 from .exchange import (
-    EXCHANGE,
     MAX_MODEL_CHARS,
     Exchange,
     endpoint_of,
@@ -24,9 +23,10 @@ from .exchange import (
 )
 
 
-def add_exchange_headers(request: web.BaseRequest, response: web.StreamResponse) -> None:
+def add_exchange_headers(
+    request: web.BaseRequest, response: web.StreamResponse, exchange: Exchange | None
+) -> None:
     """Response headers known from admission: the request id and the caller's rate limits."""
-    exchange = request.get(EXCHANGE)
     if exchange is None:  # refused before it was known who asked (401, unknown path)
         response.headers.setdefault("x-request-id", new_request_id())
         return
@@ -35,9 +35,14 @@ def add_exchange_headers(request: web.BaseRequest, response: web.StreamResponse)
     response.headers.setdefault("x-request-id", exchange.request_id)
 
 
-def account(services: Services, request: web.BaseRequest, status: int, latency_ms: float) -> None:
+def account(
+    services: Services,
+    request: web.BaseRequest,
+    exchange: Exchange | None,
+    status: int,
+    latency_ms: float,
+) -> None:
     """Count the request and write its access line, once it is answered."""
-    exchange = request.get(EXCHANGE)
     if exchange is not None:
         status = exchange.status or status  # e.g. 502 for a stream that broke after a 200
         endpoint, model = exchange.endpoint, exchange.model

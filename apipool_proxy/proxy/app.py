@@ -20,6 +20,7 @@ from ..errors import ApiError, envelope_for
 from ..state import Services
 from . import forward, models
 from .access import account, add_exchange_headers
+from .exchange import EXCHANGE
 
 # What serves one request on the proxy port, given the process's services.
 ProxyHandler = Callable[[web.BaseRequest, Services], Awaitable[web.StreamResponse]]
@@ -61,14 +62,16 @@ def build_proxy_server(services: Services, **kwargs: Any) -> web.Server:
         """Serve a request; errors become the envelope; count and log it once answered."""
         started = time.perf_counter()
         status = 500
+        exchange = None
         try:
             try:
                 response = await route(request)(request, services)
             except Exception as exc:
                 response = envelope_for(request, exc)
             status = response.status
+            exchange = request.get(EXCHANGE)  # set by the handler once it knows who asks
             if not response.prepared:  # streams got these before their first byte
-                add_exchange_headers(request, response)
+                add_exchange_headers(request, response, exchange)
             return response
         except asyncio.CancelledError:
             status = 499  # the caller went away
@@ -77,6 +80,9 @@ def build_proxy_server(services: Services, **kwargs: Any) -> web.Server:
             status = exc.status
             raise
         finally:
-            account(services, request, status, (time.perf_counter() - started) * 1000)
+            latency_ms = (time.perf_counter() - started) * 1000
+            if exchange is None:
+                exchange = request.get(EXCHANGE)
+            account(services, request, exchange, status, latency_ms)
 
     return web.Server(handle, **kwargs)

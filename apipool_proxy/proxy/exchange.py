@@ -103,8 +103,17 @@ def _endpoint_of(path: str) -> str:
 
 def metric_endpoint(endpoint: str) -> str:
     """The endpoint as a metrics label: known API paths as they are, the rest "other"."""
-    root = endpoint.split("/", 2)[1] if endpoint.startswith("/") else ""
-    return endpoint if root in _API_ROOTS else "other"
+    label = _METRIC_LABELS.get(endpoint)
+    if label is None:
+        root = endpoint.split("/", 2)[1] if endpoint.startswith("/") else ""
+        label = endpoint if root in _API_ROOTS else "other"
+        if len(_METRIC_LABELS) >= 1024:
+            _METRIC_LABELS.clear()  # bounded: endpoints come from callers' paths
+        _METRIC_LABELS[endpoint] = label
+    return label
+
+
+_METRIC_LABELS: dict[str, str] = {}
 
 
 @dataclass(slots=True)

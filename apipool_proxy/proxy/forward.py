@@ -464,7 +464,8 @@ async def _relay_stream(
     injected: bool,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, headers=headers)
-    add_exchange_headers(request, response)  # before the first byte, while headers can change
+    # Before the first byte, while headers can still change.
+    add_exchange_headers(request, response, exchange)
     body = ChunkedBody.for_request(request, response)
     await response.prepare(request)
     watch = exchange.watch

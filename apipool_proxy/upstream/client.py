@@ -257,6 +257,10 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     return list(dict.fromkeys(found))  # once each, in the resolver's order
 
 
+# Request lines with their Host header, by (method, target, host): most requests repeat one.
+_START_LINES: dict[tuple[str, str, str], bytes] = {}
+
+
 def header_block(headers: Iterable[tuple[str, str]]) -> bytes:
     """Header pairs as the block of lines ``UpstreamClient.request`` takes.
 
@@ -271,13 +275,14 @@ def header_block(headers: Iterable[tuple[str, str]]) -> bytes:
 
 
 def _request_head(method: str, target: str, host: str, headers: bytes, body: bytes) -> bytes:
-    start = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"
-    length = f"Content-Length: {len(body)}\r\n" if body or method in _BODY_METHODS else ""
-    head = b"%s%s%sAccept-Encoding: gzip, deflate\r\n\r\n" % (
-        start.encode("utf-8", "surrogateescape"),
-        headers,
-        length.encode(),
-    )
+    start = _START_LINES.get((method, target, host))
+    if start is None:
+        start = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("utf-8", "surrogateescape")
+        if len(_START_LINES) >= 1024:
+            _START_LINES.clear()  # bounded: targets with object ids are many and seen once
+        _START_LINES[(method, target, host)] = start
+    length = b"Content-Length: %d\r\n" % len(body) if body or method in _BODY_METHODS else b""
+    head = b"%s%s%sAccept-Encoding: gzip, deflate\r\n\r\n" % (start, headers, length)
     # A line break inside a name, a value or the target would let it write headers, or a
     # second request, of its own choosing: every line must end where it was meant to.
     lines = 4 + headers.count(b"\r\n") + (1 if length else 0)
