@@ -33,7 +33,7 @@ from ..netguard import (
     parse_address,
     resolve_addresses,
 )
-from .connection import UpstreamConnection, UpstreamResponse
+from .connection import SilenceWatch, UpstreamConnection, UpstreamResponse
 from .errors import StaleConnection, UpstreamConnectError, UpstreamError, UpstreamTimeout
 
 KEEPALIVE_SECONDS = 15.0
@@ -74,6 +74,7 @@ class UpstreamClient:
         self._addresses: dict[tuple[str, int], tuple[float, list[str]]] = {}
         self._closed = False
         self._running_loop: asyncio.AbstractEventLoop | None = None
+        self._silence: SilenceWatch | None = None
 
     async def request(
         self,
@@ -115,6 +116,8 @@ class UpstreamClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._silence is not None:
+            self._silence.close()
         for origin, _ in self._origins.values():
             while origin.idle:
                 origin.idle.pop().close()
@@ -170,6 +173,12 @@ class UpstreamClient:
             loop = self._running_loop = asyncio.get_running_loop()
         return loop
 
+    def _silence_watch(self) -> SilenceWatch:
+        watch = self._silence
+        if watch is None:
+            watch = self._silence = SilenceWatch(self._loop(), self._read_timeout)
+        return watch
+
     def _idle_connection(self, origin: Origin) -> UpstreamConnection | None:
         idle = origin.idle
         if not idle:
@@ -199,12 +208,13 @@ class UpstreamClient:
             raise UpstreamTimeout() from None
 
     async def _dial(self, origin: Origin, addresses: list[str]) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
+        watch = self._silence_watch()
         tls = self._ssl if origin.scheme == "https" else None
         for address in addresses:
             try:
                 _, connection = await loop.create_connection(
-                    lambda: UpstreamConnection(loop, origin, self._read_timeout),
+                    lambda: UpstreamConnection(loop, origin, watch),
                     address,
                     origin.port,
                     ssl=tls,

@@ -265,16 +265,54 @@ def _deflate_for(start: bytes) -> zlib._Decompress:
     return zlib.decompressobj(wbits=15 if zlib_header else -15)
 
 
+class SilenceWatch:
+    """Fails answers whose upstream has been silent for ``read_timeout``.
+
+    One timer for every connection waiting on an answer, firing a few times per timeout,
+    instead of a timer armed and cancelled for each request: on the request path that cost
+    more than the rest of sending it. A silent upstream is therefore noticed between
+    ``read_timeout`` and a quarter more after its last byte.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        self.read_timeout = read_timeout
+        self._loop = loop
+        self._waiting: set[UpstreamConnection] = set()
+        self._interval = read_timeout / 4
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, connection: UpstreamConnection) -> None:
+        self._waiting.add(connection)
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._interval, self._check)
+
+    def discard(self, connection: UpstreamConnection) -> None:
+        self._waiting.discard(connection)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        for connection in list(self._waiting):
+            connection.check_silence(now, self.read_timeout)
+        # Idle when nothing waits; the next request starts the timer again.
+        waiting = bool(self._waiting)
+        self._timer = self._loop.call_later(self._interval, self._check) if waiting else None
+
+
 class UpstreamConnection(asyncio.Protocol):
     """An asyncio protocol carrying one request at a time; reused while the server allows."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, origin: Origin, read_timeout: float):
+    def __init__(self, loop: asyncio.AbstractEventLoop, origin: Origin, watch: SilenceWatch):
         self.origin = origin  # the pool it returns to
         self.reused = False
         self.idle_since = 0.0
         self.closed = False
         self.loop = loop
-        self._read_timeout = read_timeout
+        self._watch = watch
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._response: UpstreamResponse | None = None
@@ -283,7 +321,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._paused = False
         self._last_read = 0.0
-        self._timer: asyncio.TimerHandle | None = None
         # Set by the client: where a connection goes when its answer was read to the end.
         self.on_reusable: Callable[[UpstreamConnection], None] | None = None
 
@@ -304,7 +341,7 @@ class UpstreamConnection(asyncio.Protocol):
         waiter = self.loop.create_future()
         self._headers_waiter = waiter
         self._last_read = self.loop.time()
-        self._timer = self.loop.call_at(self._last_read + self._read_timeout, self._check_silence)
+        self._watch.add(self)
         if len(body) < JOIN_LIMIT:
             transport.write(head + body)
         else:
@@ -316,7 +353,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The answer was taken: back to the pool if possible, otherwise closed."""
         if response is not self._response:
             return  # released twice: the connection may already carry another request
-        self._stop_timer()
+        self._unwatch()
         self._response = None
         if reusable and self._keep_alive and not self.closed:
             self.resume_reading()
@@ -365,7 +402,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._stop_timer()
+        self._unwatch()
         response = self._response
         if response is None:
             return
@@ -422,7 +459,7 @@ class UpstreamConnection(asyncio.Protocol):
         response = self._response
         if response is None or not response.status:
             return  # the end of an informational answer
-        self._stop_timer()
+        self._unwatch()
         response._complete()
 
     # -- internals ---------------------------------------------------------------------------
@@ -442,28 +479,19 @@ class UpstreamConnection(asyncio.Protocol):
         if self._response is not None:
             self._response._fail(error)
 
-    def _check_silence(self) -> None:
-        self._timer = None
-        if self._response is None:
-            return
-        due = self._last_read + self._read_timeout
-        if self._paused or due > self.loop.time():
-            # Our own pause is not the upstream's silence; otherwise wait out the rest.
-            base = self.loop.time() if self._paused else due
-            self._timer = self.loop.call_at(
-                base + (self._read_timeout if self._paused else 0), self._check_silence
-            )
-            return
-        self._fail(UpstreamTimeout())
-        self.abort()
+    def check_silence(self, now: float, read_timeout: float) -> None:
+        """Fail the answer when the upstream has sent nothing for ``read_timeout``."""
+        if self._paused:
+            self._last_read = now  # our own pause is not the upstream's silence
+        elif now - self._last_read >= read_timeout:
+            self._fail(UpstreamTimeout())
+            self.abort()
 
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    def _unwatch(self) -> None:
+        self._watch.discard(self)  # no answer is awaited any more
 
     def abort(self) -> None:
         self.closed = True
-        self._stop_timer()
+        self._unwatch()
         if self._transport is not None:
             self._transport.abort()
