@@ -224,12 +224,13 @@ class AccessLog:
         self._handler = handler
         self._json = fmt == "json"
 
-    def write(self, message: str, fields: dict[str, object] | None) -> None:
+    def write(self, message: str, fields: dict[str, object] | None, at: float) -> None:
+        """Write one access line for a request answered at ``at`` (a time.time() value)."""
         handler = self._handler
         if handler is None or not self._direct(handler):
             access_log.info(message, extra={"fields": fields} if fields else None)
             return
-        now = time.time()
+        now = at
         if self._json:
             entry = {
                 "time": self._timestamp(now, utc=True),

@@ -195,6 +195,7 @@ def _watch_gauges(services: Services) -> None:
 async def close_services(services: Services) -> None:
     """Stop background work, write what is pending, close upstream connections and the database."""
     await services.tasks.close()
+    services.answered.drain(services)  # the requests answered since the last round
     try:
         await services.writer.flush()
     except Exception:
@@ -235,6 +236,7 @@ async def serve(
         services.tasks.spawn("write-behind", services.writer.run())
         services.tasks.spawn("refresh-models", services.keys.refresh_models())
         services.tasks.spawn("sweep-idle-connections", services.upstream.sweep_idle())
+        services.tasks.spawn("account-answered", services.answered.run(services))
         yield running
     finally:
         services.draining = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +19,15 @@ from .tasks import BackgroundTasks
 from .upstream import UpstreamClient
 from .upstream_keys import UpstreamKeys
 from .usage import WriteBehind
+
+if TYPE_CHECKING:
+    from .proxy.access import AnsweredRequests
+
+
+def _answered_requests() -> AnsweredRequests:
+    from .proxy.access import AnsweredRequests  # the proxy package imports this module
+
+    return AnsweredRequests()
 
 
 @dataclass(eq=False)
@@ -35,6 +45,8 @@ class Services:
     websocket_session: aiohttp.ClientSession
     # Which key and member hold each object created through the pool (files, batches...).
     objects: ObjectRegistry = field(default_factory=ObjectRegistry)
+    # Proxied requests answered but not yet counted and logged (written behind).
+    answered: AnsweredRequests = field(default_factory=lambda: _answered_requests())
     # The URL callers use for /v1 (public_url, or the address actually bound).
     proxy_url: str = ""
     # Set when shutdown begins: new proxied requests are refused while in-flight ones finish.

@@ -376,5 +376,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = services_of(request).metrics.render()
+    services = services_of(request)
+    services.answered.drain(services)  # count the requests answered since the last round
+    body = services.metrics.render()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})

@@ -19,7 +19,7 @@ from aiohttp import web
 from ..errors import ApiError, envelope_for
 from ..state import Services
 from . import forward, models
-from .access import account, add_exchange_headers
+from .access import add_exchange_headers
 from .exchange import EXCHANGE
 
 # What serves one request on the proxy port, given the process's services.
@@ -83,6 +83,6 @@ def build_proxy_server(services: Services, **kwargs: Any) -> web.Server:
             latency_ms = (time.perf_counter() - started) * 1000
             if exchange is None:
                 exchange = request.get(EXCHANGE)
-            account(services, request, exchange, status, latency_ms)
+            services.answered.add(request, exchange, status, latency_ms)
 
     return web.Server(handle, **kwargs)
