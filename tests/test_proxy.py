@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from .fake_upstream import FakeUpstream
+from .scenario import MODEL, bare_upstream, scenario, secret
 from .support import Member
 
 
@@ -367,6 +371,44 @@ async def test_caller_leaving_mid_stream_releases_the_upstream(pool: Pool, http)
     async with asyncio.timeout(1):
         await pool.up.wait_idle()
     assert pool.up.disconnects == 1
+
+
+async def test_slow_caller_holds_back_the_upstream_and_gets_every_byte(start_server, http):
+    events, size = 1024, 64 * 1024  # 64 MiB: far more than every buffer on the way
+    written = [0]
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(events):
+            # write() waits while the proxy is not reading: that is the backpressure.
+            await response.write(b'data: {"i": %d, "pad": "%s"}\n\n' % (index, b"x" * size))
+            written[0] = index + 1
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async with bare_upstream(chat) as base_url, scenario(start_server, http) as s:
+        alice = await s.member("alice")
+        await alice.add_key(secret("firehose"), base_url, models=[MODEL])
+        proxy = urlsplit(s.server.proxy_url)
+        reader, writer = await asyncio.open_connection(proxy.hostname, proxy.port)
+        body = b'{"model": "%s", "stream": true, "messages": []}' % MODEL.encode()
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
+            b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (alice.token.encode(), len(body), body)
+        )
+        received = [await reader.readexactly(256 * 1024)]
+        await asyncio.sleep(1.0)  # the caller stops reading
+        held_back = written[0]
+        received.append(await reader.read())
+        writer.close()
+
+    data = b"".join(received)
+    assert held_back < events // 2, f"{held_back} of {events} events written to a stalled caller"
+    indexes = [int(i) for i in re.findall(rb'"i": (\d+)', data)]
+    assert indexes == list(range(events))
+    assert data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
 
 
 async def test_websocket_is_relayed_both_ways(pool: Pool, http):

@@ -316,6 +316,100 @@ async def test_chunked_body_arrives_piece_by_piece(
     assert end_sent
 
 
+async def test_pushed_body_comes_per_read_and_its_end_is_left_to_take(
+    serve: ServeFactory, client: UpstreamClient
+) -> None:
+    pieces = [b"data: one\n\n", b"data: two\n\n", b"data: three\n\n"]
+    pushed: list[bytes] = []
+    ready, seen = asyncio.Event(), asyncio.Event()
+
+    def sink(data: bytes) -> bool:
+        pushed.append(data)
+        seen.set()
+        return True
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(CHUNKED_HEAD)
+        await asyncio.wait_for(ready.wait(), 0.5)
+        await conn.send(chunk(pieces[0]))
+        await asyncio.wait_for(seen.wait(), 0.5)
+        # Two chunks in one write arrive in one read, and are pushed as one piece.
+        await conn.send(chunk(pieces[1]) + chunk(pieces[2]), pause=0.05)
+        await conn.send(chunk(b"data: last\n\n") + LAST_CHUNK)
+        await conn.wait_eof()
+
+    server = await serve(handler)
+    response = await client.request("GET", server.url, "/stream", NO_HEADERS, b"")
+    try:
+        assert response.take() is None
+        assert response.push_to(sink)
+        ready.set()
+        async with asyncio.timeout(1):
+            await response.arrival()  # only the end wakes the reader: pieces went to sink
+        assert pushed == [pieces[0], pieces[1] + pieces[2]]
+        # The last piece arrived with the end of the body: left for take(), not pushed.
+        assert response.take() == b"data: last\n\n"
+        assert response.take() == b""
+        assert response.push_to(sink) is False  # over: nothing more to push
+    finally:
+        response.release()
+
+
+async def test_sink_that_stops_hands_the_body_back_to_take(
+    serve: ServeFactory, client: UpstreamClient
+) -> None:
+    ready = asyncio.Event()
+    pushed: list[bytes] = []
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(CHUNKED_HEAD)
+        await asyncio.wait_for(ready.wait(), 0.5)
+        await conn.send(chunk(b"first"), pause=0.05)
+        await conn.send(chunk(b"second"), pause=0.05)
+        await conn.send(LAST_CHUNK)
+        await conn.wait_eof()
+
+    server = await serve(handler)
+    response = await client.request("GET", server.url, "/stream", NO_HEADERS, b"")
+    try:
+        assert response.take() is None
+        assert response.push_to(lambda data: pushed.append(data) or False)
+        ready.set()
+        async with asyncio.timeout(1):
+            await response.arrival()  # woken because the sink said stop
+            assert pushed == [b"first"]
+            assert response.take() is None
+            await response.arrival()
+            assert response.take() == b"second"  # queued again, as without a sink
+            while (end := response.take()) is None:
+                await response.arrival()
+        assert end == b""
+        assert pushed == [b"first"]
+    finally:
+        response.release()
+
+
+async def test_compressed_body_is_never_pushed(serve: ServeFactory, client: UpstreamClient) -> None:
+    packed = gzip.compress(PLAIN)
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        head = "HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+        await conn.send(head.encode(), pause=0.05)
+        await conn.send(chunk(packed), LAST_CHUNK)
+        await conn.wait_eof()
+
+    server = await serve(handler)
+    response = await client.request("GET", server.url, "/x", NO_HEADERS, b"")
+    try:
+        assert response.push_to(lambda data: pytest.fail("pushed a compressed body")) is False
+        assert await response.read() == PLAIN
+    finally:
+        response.release()
+
+
 @pytest.mark.parametrize("status_line", ["HTTP/1.1 200 OK", "HTTP/1.0 200 OK"])
 async def test_body_delimited_by_connection_close(
     serve: ServeFactory, client: UpstreamClient, status_line: str

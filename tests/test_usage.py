@@ -100,6 +100,32 @@ async def test_usage_chunk_reaches_only_callers_who_asked_for_it(start_server, h
         assert [_tokens(r) for r in await s.usage_rows()] == [(3, 5, 8), (4, 5, 9)]
 
 
+async def test_usage_request_keeps_the_callers_bytes(start_server, http):
+    async with scenario(start_server, http) as s:
+        alice = await s.member("alice")
+        await s.add_key(alice, "alice")
+        # Odd spacing, an escaped character and a trailing newline, as a hand-written
+        # client might send: only the usage request is added, nothing is re-encoded.
+        sent = (
+            b'{ "model" : "gpt-4o-mini", "stream":true,\n'
+            b' "messages": [{"role": "user", "content": "caf\\u00e9 \xc3\xa9"}] }\n'
+        )
+        headers = {"Authorization": f"Bearer {alice.token}", "Content-Type": "application/json"}
+        url = s.server.proxy_url + "/chat/completions"
+        async with http.post(url, data=sent, headers=headers) as resp:
+            assert resp.status == 200
+            answer = await resp.read()
+        events = [e[len(b"data: ") :] for e in answer.split(b"\n\n") if e]
+        assert events[-1] == b"[DONE]"
+        # The usage-only chunk the proxy asked for stays with the proxy.
+        assert all(json.loads(e)["choices"] for e in events[:-1])
+
+        received = s.up.requests[-1].body
+        assert received == sent.rstrip()[:-1] + b', "stream_options": {"include_usage": true}}'
+        assert json.loads(received)["messages"][0]["content"] == "caf\u00e9 \u00e9"
+        assert [_tokens(r) for r in await s.usage_rows()] == [(2, 5, 7)]
+
+
 async def test_upstream_without_stream_options_is_remembered_per_key(start_server, http):
     async with scenario(start_server, http) as s:
         alice, bob = await s.member("alice"), await s.member("bob")

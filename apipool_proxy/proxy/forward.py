@@ -276,7 +276,11 @@ def _payload_for(key: PooledKey, exchange: Exchange, body: RequestBody) -> tuple
         or exchange.endpoint not in ("/chat/completions", "/completions")
     ):
         return body.raw, False
-    options = data.get("stream_options")
+    if "stream_options" not in data:
+        # Appended to the caller's own bytes rather than re-encoding the whole body: the
+        # rest goes upstream exactly as sent, and a long prompt costs no json.dumps.
+        return body.raw.rstrip()[:-1] + _USAGE_OPTION, True
+    options = data["stream_options"]
     if isinstance(options, dict) and options.get("include_usage"):
         return body.raw, False
     if options is not None and not isinstance(options, dict):
@@ -286,6 +290,11 @@ def _payload_for(key: PooledKey, exchange: Exchange, body: RequestBody) -> tuple
         return json.dumps(extended).encode(), True
     except (RecursionError, ValueError):
         return body.raw, False  # too deep to re-encode: send as asked, tokens unknown
+
+
+# What a JSON object body without "stream_options" gets before its closing brace. The body
+# holds at least "stream": true, so a comma always belongs before it.
+_USAGE_OPTION = b', "stream_options": {"include_usage": true}}'
 
 
 def upstream_tail(request: web.BaseRequest) -> str:
@@ -455,6 +464,54 @@ def _usage_of(data: bytes) -> Any:
         return None
 
 
+class _StreamRelay:
+    """What a streamed answer passes through on its way to the caller, piece by piece.
+
+    Pieces are pushed to ``push`` straight from the upstream connection's read callback
+    while the caller keeps up, so a piece costs no task switch; the relay coroutine only
+    wakes for the end of the answer, a failure, or a caller to wait for.
+    """
+
+    __slots__ = ("tap", "json_tap", "watch", "body", "must_drain", "failure")
+
+    def __init__(
+        self,
+        tap: UsageTap | None,
+        json_tap: JsonTap | None,
+        watch: Any,
+        body: ChunkedBody | None,
+    ) -> None:
+        self.tap = tap
+        self.json_tap = json_tap
+        self.watch = watch
+        self.body = body
+        self.must_drain = False  # the caller's buffer is full: wait before sending more
+        self.failure: ConnectionResetError | None = None  # the caller hung up mid-push
+
+    def outgoing(self, chunk: bytes) -> bytes:
+        """Watch a piece from upstream; return what the caller gets of it now."""
+        if self.watch is not None and self.tap is None:
+            self.watch.feed(chunk)
+        if self.json_tap is not None:
+            self.json_tap.feed(chunk)
+        return self.tap.feed(chunk) if self.tap is not None else chunk
+
+    def push(self, chunk: bytes) -> bool:
+        """The sink for ``UpstreamResponse.push_to``: False stops the pushing."""
+        body = self.body
+        if body is None:
+            raise RuntimeError("only a chunked body can be pushed to")
+        out = self.outgoing(chunk)
+        if not out:
+            return True
+        try:
+            self.must_drain = body.write(out)
+        except ConnectionResetError as exc:
+            self.failure = exc
+            return False
+        return not self.must_drain
+
+
 async def _relay_stream(
     request: web.BaseRequest,
     exchange: Exchange,
@@ -472,21 +529,20 @@ async def _relay_stream(
     tap = UsageTap(injected, keep_first_event=watch is not None) if is_sse else None
     # A JSON answer without a Content-Length (sent chunked) still reports its usage.
     is_json = upstream.headers.get("Content-Type", "").startswith("application/json")
-    json_tap = JsonTap(BUFFER_LIMIT) if is_json else None
+    relay = _StreamRelay(tap, JsonTap(BUFFER_LIMIT) if is_json else None, watch, body)
     last = b""  # sent together with the end of the body: one write fewer per stream
     try:
         while True:
             chunk = upstream.take()
             if chunk is None:
+                pushing = body is not None and upstream.push_to(relay.push)
                 await upstream.arrival()
+                if pushing:
+                    await _after_pushing(relay)
                 continue
             if not chunk:
                 break
-            if watch is not None and tap is None:
-                watch.feed(chunk)
-            if json_tap is not None:
-                json_tap.feed(chunk)
-            out = tap.feed(chunk) if tap is not None else chunk
+            out = relay.outgoing(chunk)
             if upstream.drained():
                 last = out
                 break
@@ -498,8 +554,8 @@ async def _relay_stream(
                 await body.drain()
         if tap is not None:
             last += tap.flush()
-        if json_tap is not None:
-            exchange.tokens = json_tap.usage()
+        if relay.json_tap is not None:
+            exchange.tokens = relay.json_tap.usage()
     except ConnectionResetError:
         # Writing to a caller that hung up; the upstream is released by our caller.
         exchange.status = 499
@@ -520,6 +576,15 @@ async def _relay_stream(
         # the caller already has the whole answer.
         upstream_log.debug("caller left before the end of stream %s", exchange.request_id)
     return response
+
+
+async def _after_pushing(relay: _StreamRelay) -> None:
+    """The pushing stopped or the answer moved on: act on what the push left behind."""
+    if relay.failure is not None:
+        raise relay.failure
+    if relay.must_drain and relay.body is not None:
+        relay.must_drain = False
+        await relay.body.drain()
 
 
 async def _end_broken_stream(

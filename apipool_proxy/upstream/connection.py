@@ -2,7 +2,9 @@
 
 The answer is parsed by llhttp (through httptools) as bytes arrive. Its body waits in a
 small queue until the relay takes it; when the queue grows past HIGH_WATER the socket stops
-being read, so a slow caller slows the upstream down instead of filling memory.
+being read, so a slow caller slows the upstream down instead of filling memory. A relay may
+instead have the body pushed to it (``push_to``): each read's pieces are handed to it from
+the socket's callback, with no task woken per piece.
 
 Timeouts cost one timer per request, not one per read: every read stamps the time, and the
 timer, when it fires, either finds the connection silent for ``read_timeout`` or re-arms
@@ -20,9 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 from multidict import CIMultiDict
 
-if TYPE_CHECKING:
-    from .client import Origin
-
+from ..log import upstream_log
 from .errors import (
     StaleConnection,
     UpstreamClosed,
@@ -30,6 +30,9 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+
+if TYPE_CHECKING:
+    from .client import Origin
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -61,6 +64,7 @@ class UpstreamResponse:
         "_waiter",
         "_inflater",
         "_received",
+        "_sink",
     )
 
     def __init__(self, connection: UpstreamConnection) -> None:
@@ -76,6 +80,7 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._inflater: _Inflater | None = None  # set when the body arrives compressed
         self._received = False  # any byte of this answer at all
+        self._sink: Callable[[bytes], bool] | None = None  # see push_to()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -134,6 +139,22 @@ class UpstreamResponse:
             waiter = self._waiter = self._connection.loop.create_future()
         return waiter
 
+    def push_to(self, sink: Callable[[bytes], bool]) -> bool:
+        """Hand the body to ``sink`` as it arrives instead of queueing it for ``take()``.
+
+        Call it when ``take()`` has just returned None. From then on ``sink`` is called
+        from the connection's read callback with everything one read brought, and returns
+        False to stop being pushed to: the body then queues again and ``arrival()`` fires.
+        The end of the body is never pushed: once it has arrived, ``arrival()`` fires and
+        ``take()`` has the rest, so a relay can send its last piece together with the end
+        of its own answer. Returns False, and pushes nothing, for a compressed body (which
+        ``take()`` decodes in bounded slices) or one that is already over.
+        """
+        if self._inflater is not None or self._done or self._error is not None:
+            return False
+        self._sink = sink
+        return True
+
     def drained(self) -> bool:
         """True when the body has ended and every piece of it has been taken."""
         return self._done and not self._chunks and self._inflater is None
@@ -171,6 +192,7 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Hand the connection back for reuse when the answer was read to its end, else close."""
+        self._sink = None
         self._connection.finish(self, self._done and self._error is None)
 
     # -- fed by the connection -------------------------------------------------------------
@@ -191,17 +213,49 @@ class UpstreamResponse:
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._buffered += len(data)
+        if self._sink is not None:
+            return  # pushed once the whole read is parsed (see _push)
+        if self._buffered > HIGH_WATER:
+            self._connection.pause_reading()
+        self._wake()
+
+    def _push(self) -> None:
+        """Hand what arrived to the sink, unless the body is over (``take()`` has the end)."""
+        chunks, sink = self._chunks, self._sink
+        if sink is None or not chunks:
+            return
+        if self._done or self._error is not None:
+            self._stop_pushing()
+            return
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        try:
+            keep = sink(data)
+        except Exception:
+            # A bug in the relay, not the upstream's fault: the piece is lost, so the body
+            # must not look whole to whoever reads on.
+            upstream_log.exception("relay sink failed")
+            self._fail(UpstreamError())
+            return
+        if not keep:
+            self._stop_pushing()
+
+    def _stop_pushing(self) -> None:
+        self._sink = None
         if self._buffered > HIGH_WATER:
             self._connection.pause_reading()
         self._wake()
 
     def _complete(self) -> None:
         self._done = True
+        self._sink = None
         self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
         if not self._done and self._error is None:
             self._error = error
+            self._sink = None
             self._wake()
 
     def _wake(self) -> None:
@@ -389,13 +443,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.abort()  # bytes nobody asked for: the connection cannot be trusted
             return
         self._last_read = self.loop.time()
-        self._response._received = True
+        response = self._response
+        response._received = True
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             # Invalid HTTP, a second answer, or a protocol switch nobody asked for.
             self._fail(UpstreamProtocolError())
             self.abort()
+            return
+        if response._sink is not None:
+            response._push()
 
     def eof_received(self) -> bool:
         return False  # close our side too
