@@ -226,9 +226,21 @@ def measure_level(ctx: Context, targets: dict, scripts: dict, connections: int) 
 # --- stream ------------------------------------------------------------------------------
 
 
+def build_stream_load(ctx: Context) -> str:
+    """Compile scripts/stream_load.c, the streaming load tool, into the work directory."""
+    if "cc" not in ctx.tools:
+        raise RuntimeError("a C compiler is needed for the streaming load (see the hint above)")
+    binary = ctx.workdir / "stream_load"
+    command = [ctx.tools["cc"], "-O2", "-std=gnu11", "-Wall", "-Wextra", "-o", str(binary)]
+    command += [str(SCRIPTS / "stream_load.c"), "-lm"]
+    ctx.procs.run(command, timeout=120)
+    return str(binary)
+
+
 def stream_section(ctx: Context) -> dict:
+    ctx.tools["stream_load"] = build_stream_load(ctx)
     upstream_port = free_port()
-    command = [sys.executable, str(SCRIPTS / "stream_upstream.py"), "--port", str(upstream_port)]
+    command = [ctx.tools["stream_load"], "serve", "--port", str(upstream_port)]
     command += ["--chunks", str(CHUNKS), "--interval", str(CHUNK_INTERVAL)]
     upstream = ctx.procs.start("stream-upstream", ctx.cores.pin(command, "load"))
     wait_for_port(upstream_port, upstream)
@@ -295,7 +307,7 @@ def combine_stream_runs(runs: list[dict]) -> dict:
 
 def run_streams(ctx: Context, port: int, token: str, streams: int, proxy_pgid, upstream_pgid):
     """Run the stream client once; add the proxy's memory and every process's CPU share."""
-    command = [sys.executable, str(SCRIPTS / "bench_streams.py")]
+    command = [ctx.tools["stream_load"], "run"]
     command += ["--url", f"http://127.0.0.1:{port}/v1/chat/completions", "--streams", str(streams)]
     command += ["--chunks", str(CHUNKS), "--interval", str(CHUNK_INTERVAL)]
     # A 2 s stream not finished a minute after its start is broken, not slow.
@@ -363,7 +375,7 @@ def leak_section(ctx: Context) -> dict:
 STREAM_NOTE = """\
 How to read the streaming table: every stream is opened first, then all of them send at once,
 their chunks spread evenly over each {interval_ms:g} ms interval. The stream client and the
-upstream stand-in are Python processes sharing the load core(s): "direct" is the client straight
+upstream stand-in (scripts/stream_load.c) share the load core(s): "direct" is the client straight
 at the upstream, the delay the measuring setup adds by itself, and the "minus direct" columns
 subtract it (a difference of percentiles, so approximate). CPU is the share of one core used
 while chunks flowed. When "chunks/s" falls short of the offered rate, or a CPU share nears 1.00,
@@ -430,7 +442,9 @@ def prepare(args: argparse.Namespace) -> Context:
         progress(f"open-file limit is {limit}: thousands of streams may fail to connect")
 
     names = args.only or list(SECTIONS)
-    tools = bench_wrk.ensure_tools() if {"nonstream", "leak"} & set(names) else {}
+    wanted = ["wrk", "nginx"] if {"nonstream", "leak"} & set(names) else []
+    wanted += ["cc"] if "stream" in names else []
+    tools = bench_wrk.ensure_tools(wanted)
     workdir = Path(tempfile.mkdtemp(prefix="apipool-bench-"))
     return Context(Settings.from_args(args), Processes(workdir), cores, tools, workdir)
 

@@ -61,20 +61,23 @@ def find_tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
 
 
-def ensure_tools() -> dict[str, str]:
-    """Find wrk and nginx; as root with apt, install what is missing. Returns what was found."""
-    missing = [name for name in ("wrk", "nginx") if not find_tool(name)]
+# Debian packages for the tools each section needs. "cc" builds the streaming load tool.
+PACKAGES = {"wrk": ["wrk"], "nginx": ["nginx"], "cc": ["gcc", "libc6-dev"]}
+
+
+def ensure_tools(names: list[str]) -> dict[str, str]:
+    """Find the named tools; as root with apt, install what is missing. Returns what was found."""
+    missing = [name for name in names if not find_tool(name)]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
-        print(f"installing {' '.join(missing)} with apt-get ...", flush=True)
-        apt_install(missing)
+        packages = [package for name in missing for package in PACKAGES[name]]
+        print(f"installing {' '.join(packages)} with apt-get ...", flush=True)
+        apt_install(packages)
         if "nginx" in missing:
             print("note: Debian's nginx package may enable a system nginx service on port 80")
-    found = {name: find_tool(name) for name in ("wrk", "nginx")}
-    still = [name for name, path in found.items() if not path]
+    found = {name: find_tool(name) for name in names}
+    still = [package for name, path in found.items() if not path for package in PACKAGES[name]]
     if still:
-        print(
-            f"missing {' '.join(still)}: install with `sudo apt-get install -y {' '.join(still)}`"
-        )
+        print(f"missing tools: install with `sudo apt-get install -y {' '.join(still)}`")
     return {name: path for name, path in found.items() if path}
 
 
