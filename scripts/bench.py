@@ -246,8 +246,14 @@ def stream_section(ctx: Context) -> dict:
     wait_for_port(upstream_port, upstream)
 
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1/chat/completions"
+    paths = {"direct": (upstream_port, "", None)}
+    if "nginx" in ctx.tools:
+        floor_port, floor = bench_wrk.start_nginx_stream_proxy(
+            ctx.procs, ctx.cores, ctx.tools["nginx"], ctx.workdir / "nginx-floor", upstream_port
+        )
+        paths["floor"] = (floor_port, "", floor.pid)
     reference_port, reference = start_reference(ctx, upstream_url, stream=True)
-    paths = {"direct": (upstream_port, "", None), "reference": (reference_port, "", reference.pid)}
+    paths["reference"] = (reference_port, "", reference.pid)
     apipool, error = try_apipool(ctx, "stream", f"http://127.0.0.1:{upstream_port}/v1")
     if apipool:
         paths["apipool"] = (apipool.proxy_port, apipool.token, apipool.pgid)
@@ -375,12 +381,14 @@ def leak_section(ctx: Context) -> dict:
 STREAM_NOTE = """\
 How to read the streaming table: every stream is opened first, then all of them send at once,
 their chunks spread evenly over each {interval_ms:g} ms interval. The stream client and the
-upstream stand-in (scripts/stream_load.c) share the load core(s): "direct" is the client straight
-at the upstream, the delay the measuring setup adds by itself, and the "minus direct" columns
-subtract it (a difference of percentiles, so approximate). CPU is the share of one core used
-while chunks flowed. When "chunks/s" falls short of the offered rate, or a CPU share nears 1.00,
-some process could not keep pace, and the delays measure queueing in it: if "direct" itself
-falls short, the load side is the limit and the delay target cannot be judged on this machine."""
+upstream stand-in (scripts/stream_load.c) share the load core(s). "direct" is the client
+straight at the upstream: the delay the measuring setup adds by itself, which the "minus
+direct" columns subtract (a difference of percentiles, so approximate). "nginx pass-through"
+is nginx relaying the streams unbuffered on the proxy core: the cost of relaying at all on
+this machine, below which no proxy can go. CPU is the share of one core used while chunks
+flowed. When "chunks/s" falls short of the offered rate, or a CPU share nears 1.00, some
+process could not keep pace, and the delays measure queueing in it: if "direct" itself falls
+short, the load side is the limit and the delay target cannot be judged on this machine."""
 
 
 def report(results: dict) -> list[str]:
@@ -443,7 +451,8 @@ def prepare(args: argparse.Namespace) -> Context:
 
     names = args.only or list(SECTIONS)
     wanted = ["wrk", "nginx"] if {"nonstream", "leak"} & set(names) else []
-    wanted += ["cc"] if "stream" in names else []
+    wanted += ["cc", "nginx"] if "stream" in names else []
+    wanted = list(dict.fromkeys(wanted))
     tools = bench_wrk.ensure_tools(wanted)
     workdir = Path(tempfile.mkdtemp(prefix="apipool-bench-"))
     return Context(Settings.from_args(args), Processes(workdir), cores, tools, workdir)

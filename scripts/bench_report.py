@@ -10,7 +10,12 @@ from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-NAMES = {"direct": "direct (upstream)", "reference": "reference proxy", "apipool": "apipool-proxy"}
+NAMES = {
+    "direct": "direct (upstream)",
+    "floor": "nginx pass-through (C floor)",
+    "reference": "reference proxy",
+    "apipool": "apipool-proxy",
+}
 
 
 def machine_info(tools: dict[str, str]) -> dict:

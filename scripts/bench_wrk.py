@@ -92,25 +92,70 @@ def apt_install(packages: list[str]) -> None:
 
 
 def start_nginx(procs: Processes, cores: Cores, nginx: str, workdir: Path) -> int:
-    """Start nginx in the foreground with one worker; returns its port."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    config = workdir / "nginx.conf"
-    config.write_text(nginx_config(workdir, port))
-    command = [nginx, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(config)]
-    process = procs.start("nginx", cores.pin(command, "load"))
-    wait_for_port(port, process)
+    """Start nginx in the foreground with one worker, answering a canned completion."""
+    port, _ = run_nginx(procs, cores, nginx, workdir, "load", canned_location())
     return port
 
 
-def nginx_config(workdir: Path, port: int) -> str:
+def start_nginx_stream_proxy(
+    procs: Processes, cores: Cores, nginx: str, workdir: Path, upstream_port: int
+) -> tuple[int, subprocess.Popen]:
+    """Start nginx as an unbuffered pass-through proxy on the proxy core: (port, process).
+
+    A C proxy that does nothing but relay: what any proxy must pay on this machine's
+    loopback, the floor below which no Python proxy can go.
+    """
+    upstream = [f"  upstream stream_up {{ server 127.0.0.1:{upstream_port}; keepalive 2048; }}"]
+    location = [
+        "    location / {",
+        "      proxy_pass http://stream_up;",
+        "      proxy_http_version 1.1;",
+        '      proxy_set_header Connection "";',
+        "      proxy_buffering off;",
+        "      proxy_request_buffering off;",
+        "    }",
+    ]
+    return run_nginx(procs, cores, nginx, workdir, "proxy", location, upstream)
+
+
+def run_nginx(
+    procs: Processes,
+    cores: Cores,
+    nginx: str,
+    workdir: Path,
+    role: str,
+    location: list[str],
+    http_extra: list[str] | None = None,
+) -> tuple[int, subprocess.Popen]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = workdir / "nginx.conf"
+    config.write_text(nginx_config(workdir, port, location, http_extra or []))
+    command = [nginx, "-p", str(workdir), "-e", str(workdir / "error.log"), "-c", str(config)]
+    process = procs.start(f"nginx-{workdir.name}", cores.pin(command, role))
+    wait_for_port(port, process)
+    return port, process
+
+
+def canned_location() -> list[str]:
     body = json.dumps(CANNED_COMPLETION, separators=(",", ":"))
+    # `return` answers any method; a static file would refuse POST with 405.
+    return [
+        "    location /v1/chat/completions {",
+        "      default_type application/json;",
+        f"      return 200 '{body}';",
+        "    }",
+    ]
+
+
+def nginx_config(workdir: Path, port: int, location: list[str], http_extra: list[str]) -> str:
     temp = [f"{kind}_temp_path {workdir / kind};" for kind in ("client_body", "proxy")]
     temp += [f"{kind}_temp_path {workdir / kind};" for kind in ("fastcgi", "uwsgi", "scgi")]
     return "\n".join(
         [
             "daemon off;",
             "worker_processes 1;",
+            "worker_rlimit_nofile 65536;",
             f"pid {workdir / 'nginx.pid'};",
             "events { worker_connections 8192; }",
             "http {",
@@ -118,12 +163,9 @@ def nginx_config(workdir: Path, port: int) -> str:
             "  keepalive_requests 10000000;",
             "  keepalive_timeout 120s;",
             *(f"  {line}" for line in temp),
+            *http_extra,
             f"  server {{ listen 127.0.0.1:{port} backlog=4096;",
-            # `return` answers any method; a static file would refuse POST with 405.
-            "    location /v1/chat/completions {",
-            "      default_type application/json;",
-            f"      return 200 '{body}';",
-            "    }",
+            *location,
             "  }",
             "}",
             "",
