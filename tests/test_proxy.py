@@ -523,3 +523,52 @@ async def test_keys_without_models_are_tried_until_upstream_lists_them(start_ser
             await wait_models_known(p)
             with pytest.raises(openai.NotFoundError):
                 await p.client().chat.completions.create(model="gpt-4o-mini", messages=messages())
+
+
+async def _send_head_expecting_continue(pool: Pool, token: str, body: bytes, expect: str):
+    proxy = urlsplit(pool.server.proxy_url)  # type: ignore[attr-defined]
+    reader, writer = await asyncio.open_connection(proxy.hostname, proxy.port)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"
+        b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n"
+        b"Expect: %s\r\nContent-Length: %d\r\n\r\n" % (token.encode(), expect.encode(), len(body))
+    )
+    return reader, writer
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent(pool: Pool):
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}' % MODEL.encode()
+    reader, writer = await _send_head_expecting_continue(
+        pool, pool.alice.token, body, "100-continue"
+    )
+    try:
+        # curl waits a second for this line before sending the body anyway.
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        answer = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b'"chat.completion"' in answer
+
+
+@pytest.mark.parametrize(
+    ("token", "expect", "status"),
+    [("ap-not-a-token", "100-continue", 401), (None, "something-else", 417)],
+    ids=["unauthenticated", "unknown-expectation"],
+)
+async def test_refused_upload_gets_no_100_continue(pool: Pool, token, expect, status):
+    body = b'{"model": "%s"}' % MODEL.encode()
+    reader, writer = await _send_head_expecting_continue(
+        pool, token or pool.alice.token, body, expect
+    )
+    try:
+        # The answer comes without the body ever being sent.
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+        error = await asyncio.wait_for(reader.readexactly(length), 5)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 %d " % status)
+    assert b'"error"' in error
