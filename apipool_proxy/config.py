@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -48,6 +49,8 @@ class ProxySettings:
     max_body_mb: int = 64
     # Seconds in-flight requests get to finish on shutdown.
     shutdown_grace: float = 10.0
+    # Origins whose web pages may call /v1 from a browser (CORS); "*" for any, [] for none.
+    cors_origins: list[str] = field(default_factory=lambda: ["*"])
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,10 @@ _CHECKS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("proxy", "public_url"): (
         lambda v: v is None or v.startswith(("http://", "https://")),
         "an http:// or https:// URL",
+    ),
+    ("proxy", "cors_origins"): (
+        lambda v: all(o == "*" or re.fullmatch(r"https?://[^/?#\s]+", o) for o in v),
+        '"*" or origins such as https://chat.example.com (no path)',
     ),
     ("database", "path"): (bool, "a non-empty path"),
     ("security", "master_key_file"): (bool, "a non-empty path"),

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from ..log import access_lines, redact_field
 from ..state import Services
+from .cors import CORS_HEADERS
 from .exchange import (
     MAX_MODEL_CHARS,
     Exchange,
@@ -30,7 +31,11 @@ from .exchange import (
 def add_exchange_headers(
     request: web.BaseRequest, response: web.StreamResponse, exchange: Exchange | None
 ) -> None:
-    """Response headers known from admission: the request id and the caller's rate limits."""
+    """Response headers known from admission: the request id, the caller's rate limits and
+    whether the page that sent the request may read the answer (CORS)."""
+    cors = request.get(CORS_HEADERS)
+    if cors is not None:
+        response.headers.update(cors)
     if exchange is None:  # refused before it was known who asked (401, unknown path)
         response.headers.setdefault("x-request-id", new_request_id())
         return

@@ -20,6 +20,7 @@ from ..errors import ApiError, envelope_for
 from ..state import Services
 from . import forward, models
 from .access import add_exchange_headers
+from .cors import CorsPolicy, is_preflight
 from .exchange import EXCHANGE
 
 # What serves one request on the proxy port, given the process's services.
@@ -57,15 +58,23 @@ async def _not_v1(request: web.BaseRequest, services: Services) -> web.StreamRes
 
 def build_proxy_server(services: Services, **kwargs: Any) -> web.Server:
     """The proxy port's server; ``kwargs`` go to aiohttp's request handler."""
+    cors = CorsPolicy(services.settings.proxy.cors_origins)
 
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         """Serve a request; errors become the envelope; count and log it once answered."""
         started = time.perf_counter()
         status = 500
         exchange = None
+        response: web.StreamResponse
         try:
             try:
-                response = await route(request)(request, services)
+                origin = request.headers.get("Origin")
+                if origin is not None and cors.enabled and is_preflight(request):
+                    response = cors.preflight(request, origin)
+                else:
+                    if origin is not None:
+                        cors.note(request, origin)
+                    response = await route(request)(request, services)
             except Exception as exc:
                 response = envelope_for(request, exc)
             status = response.status

@@ -111,6 +111,8 @@ def caller_response_headers(upstream: MultiMapping[str], request_id: str) -> CIM
             # The pooled key's account limits: not the caller's, and not theirs to see. The
             # caller's own limits go out under these names (proxy/access.py).
             continue
+        if lowered.startswith("access-control-"):
+            continue  # which pages may read the answer is the proxy's policy (proxy/cors.py)
         out.add(name, value)
     out[REQUEST_ID] = request_id
     return out
