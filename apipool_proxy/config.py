@@ -99,6 +99,9 @@ class PoolSettings:
     strategy: str = "least_busy"
     prefer_own_keys: bool = True
     require_contribution: bool = False
+    # Days the pool remembers which key holds a stored response or chat completion (the
+    # upstream deletes them: OpenAI after 30 days by default); None remembers them forever.
+    stored_response_days: float | None = 30
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ _CHECKS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
         lambda v: v in ("least_busy", "round_robin", "random"),
         "one of least_busy, round_robin, random",
     ),
+    ("pool", "stored_response_days"): (lambda v: v is None or v > 0, "null or greater than 0"),
     ("log", "level"): (
         lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "one of DEBUG, INFO, WARNING, ERROR",

@@ -13,6 +13,9 @@ HTTP; nothing here knows about HTTP.
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +26,12 @@ Row = tuple[str, str, int, int, float]
 
 # The kind under which a fine-tuned model name is recorded, next to the job that made it.
 MODEL = "model"
+# Kinds the upstream deletes on its own after a while (OpenAI keeps stored responses for 30
+# days by default): one is made per call, so their records are dropped after
+# ``pool.stored_response_days`` rather than kept, and grown, forever.
+EXPIRING_KINDS = frozenset(("response", "chat.completion"))
+# Records forgotten per step of an expiry sweep, so a large backlog never stalls the loop.
+EXPIRY_SLICE = 5000
 
 
 @dataclass(slots=True)
@@ -52,6 +61,8 @@ class ObjectRegistry:
         self._by_user: dict[int, dict[str, set[str]]] = {}
         # id -> the record to write, or None to delete it.
         self._unsaved: dict[str, ObjectRecord | None] = {}
+        # (created_at, id) of records of EXPIRING_KINDS, oldest first.
+        self._expiring: deque[tuple[float, str]] = deque()
         self.walks = 0  # full body walks so far (tests prove the hot path skips them)
 
     def load(self, rows: Iterable[Any]) -> None:
@@ -62,6 +73,7 @@ class ObjectRegistry:
                     row["object_id"], row["kind"], row["key_id"], row["user_id"], row["created_at"]
                 )
             )
+        self._expiring = deque(sorted(self._expiring))
 
     def __len__(self) -> int:
         return len(self._records)
@@ -104,6 +116,22 @@ class ObjectRegistry:
         self._records[record.object_id] = record
         kinds = self._by_user.setdefault(record.user_id, {})
         kinds.setdefault(record.kind, set()).add(record.object_id)
+        if record.kind in EXPIRING_KINDS:
+            self._expiring.append((record.created_at, record.object_id))
+
+    def expire(self, cutoff: float, most: int = EXPIRY_SLICE) -> int:
+        """Forget up to ``most`` records of EXPIRING_KINDS made before ``cutoff``; returns
+        how many entries were looked at (``most`` means there may be more)."""
+        expiring = self._expiring
+        looked = 0
+        while expiring and expiring[0][0] < cutoff and looked < most:
+            created_at, object_id = expiring.popleft()
+            looked += 1
+            record = self._records.get(object_id)
+            # Forgotten already (deleted by its member), or the id was recorded anew since.
+            if record is not None and record.created_at == created_at:
+                self.forget(object_id)
+        return looked
 
     # -- persistence -----------------------------------------------------------------------
 
@@ -136,6 +164,20 @@ async def save_objects(registry: ObjectRegistry, db: Database) -> None:
     except BaseException:
         registry.restore_unsaved(changes)
         raise
+
+
+async def expire_stored_outputs(registry: ObjectRegistry, days: float) -> None:
+    """Background loop: forget stored responses and chat completions older than ``days``.
+
+    The upstream has deleted them by then, and the records would otherwise pile up by one
+    per call. Forgotten ids are deleted from the database by the write-behind saver.
+    """
+    keep_for = days * 86400
+    interval = min(600.0, max(0.05, keep_for / 4))
+    while True:
+        looked = registry.expire(time.time() - keep_for)
+        # A full slice means a backlog: the next slice after other work had its turn.
+        await asyncio.sleep(0 if looked == EXPIRY_SLICE else interval)
 
 
 def saver(registry: ObjectRegistry, db: Database) -> Callable[[], Coroutine[Any, Any, None] | None]:

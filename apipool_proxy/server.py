@@ -29,7 +29,7 @@ from .crypto import MasterKeyError, load_master_key
 from .limits import Limiter, today_start
 from .log import BufferedLineHandler, server_log, setup_logging
 from .metrics import Metrics
-from .objects import ObjectRegistry, saver
+from .objects import ObjectRegistry, expire_stored_outputs, saver
 from .pool import KeyPool, KeyStatus
 from .proxy import build_proxy_server
 from .state import Services
@@ -237,6 +237,10 @@ async def serve(
         services.tasks.spawn("refresh-models", services.keys.refresh_models())
         services.tasks.spawn("sweep-idle-connections", services.upstream.sweep_idle())
         services.tasks.spawn("account-answered", services.answered.run(services))
+        days = services.settings.pool.stored_response_days
+        if days is not None:
+            expiry = expire_stored_outputs(services.objects, days)
+            services.tasks.spawn("expire-stored-responses", expiry)
         yield running
     finally:
         services.draining = True

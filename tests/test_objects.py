@@ -3,6 +3,7 @@ to the member who made them. Driven by the openai SDK against fake upstream acco
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -405,6 +406,54 @@ async def test_objects_survive_a_restart(start_server, http, tmp_path):
                 await client.files.retrieve(lost)
             assert gone.value.status_code == 410
             await p.close()
+
+
+async def test_stored_responses_are_forgotten_after_their_retention(start_server, http, tmp_path):
+    settings = {**POOL, "pool": {**POOL["pool"], "stored_response_days": 1.0 / 86400}}
+    async with FakeUpstream() as up, start_server(**settings) as server:
+        alice = await join(server, http, "alice")
+        await alice.add_key(f"sk-expiry-{'e' * 20}", up.base_url, models=[MODEL])
+        client = openai.AsyncOpenAI(base_url=server.proxy_url, api_key=alice.token)
+        file = await client.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
+        response = await client.responses.create(model=MODEL, input="short-lived")
+        await client.close()
+        objects = server.services.objects
+        assert objects.get(response.id) is not None
+
+        def stored_ids() -> set[str]:
+            with sqlite3.connect(tmp_path / "apipool.db") as db:
+                return {row[0] for row in db.execute("SELECT object_id FROM upstream_objects")}
+
+        for _ in range(100):  # expired within a second, deleted from disk half a second on
+            if response.id not in stored_ids():
+                break
+            await asyncio.sleep(0.1)
+        assert objects.get(response.id) is None
+        assert stored_ids() == {file.id}  # files stay until deleted
+        assert objects.get(file.id) is not None
+
+
+def test_registry_expires_only_expiring_kinds_in_slices():
+    registry = ObjectRegistry()
+    made = [("resp_0", "response"), ("chatcmpl_1", "chat.completion"), ("resp_1", "response")]
+    made += [(f"resp_{index}", "response") for index in range(2, 7)]
+    for when, (object_id, kind) in enumerate(made):
+        registry.record(object_id, kind, 1, 1, 100.0 + when)
+        registry.record(f"file-{when}", "file", 1, 1, 100.0 + when)
+    registry.forget("resp_2")  # deleted by its member before it expired
+    registry.forget("resp_3")
+    registry.record("resp_3", "response", 1, 1, 500.0)  # the same id recorded anew, later
+    registry.take_unsaved()
+
+    cutoff = 100.0 + 5.5  # made[0] to made[5] are older
+    assert registry.expire(cutoff, most=3) == 3
+    assert registry.expire(cutoff) == 3  # resp_2 and the old resp_3 looked at, not forgotten
+    assert registry.expire(cutoff) == 0
+    forgotten = ["resp_0", "chatcmpl_1", "resp_1", "resp_4"]
+    assert registry.take_unsaved() == dict.fromkeys(forgotten)
+    assert {r.object_id for r in registry.owned(1, "response")} == {"resp_3", "resp_5", "resp_6"}
+    assert registry.owned(1, "chat.completion") == []
+    assert len(registry.owned(1, "file")) == len(made)
 
 
 # -- the hot path --------------------------------------------------------------------------------
