@@ -4,6 +4,7 @@ restarts and kill -9, the master key."""
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import stat
 import subprocess
@@ -119,6 +120,25 @@ def test_sigterm_shuts_down_cleanly(tmp_path):
     assert server.stop(signal.SIGTERM) == 0
     assert "stopped" in server.log()
     assert "Traceback" not in server.log()
+
+
+def test_open_file_limit_is_raised_to_the_hard_limit(tmp_path):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"needs a finite hard open-file limit above 256, not {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the server
+    try:
+        server = ServerProcess(tmp_path).start()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        assert server.proc is not None
+        limits = Path(f"/proc/{server.proc.pid}/limits").read_text()
+        line = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert line.split()[3:5] == [str(hard), str(hard)]
+    finally:
+        server.stop()
+    assert f"open-file limit raised from 256 to {hard}" in server.log()
 
 
 def test_master_key_file_is_private_and_required(tmp_path):
