@@ -49,6 +49,9 @@ class ProxySettings:
     max_body_mb: int = 64
     # Seconds in-flight requests get to finish on shutdown.
     shutdown_grace: float = 10.0
+    # Seconds a caller's connection may sit idle, or take to send a request's headers,
+    # before it is closed. Behind a load balancer, keep it above the balancer's own.
+    idle_timeout: float = 75.0
     # Origins whose web pages may call /v1 from a browser (CORS); "*" for any, [] for none.
     cors_origins: list[str] = field(default_factory=lambda: ["*"])
 
@@ -138,6 +141,7 @@ _CHECKS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("admin", "port"): (lambda v: 0 <= v <= 65535, "a port number 0-65535"),
     ("proxy", "max_body_mb"): (lambda v: 1 <= v <= 4096, "between 1 and 4096"),
     ("proxy", "shutdown_grace"): (lambda v: 0 <= v <= 3600, "between 0 and 3600"),
+    ("proxy", "idle_timeout"): (lambda v: 0 < v <= 86400, "between 0 and 86400"),
     ("proxy", "public_url"): (
         lambda v: v is None or v.startswith(("http://", "https://")),
         "an http:// or https:// URL",

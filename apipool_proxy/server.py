@@ -217,7 +217,13 @@ async def serve(
     try:
         # On the proxy port a caller that hangs up cancels its handler, which closes the
         # upstream request at once instead of at the next chunk.
-        proxy_server = build_proxy_server(services, access_log=None, handler_cancellation=True)
+        proxy_server = build_proxy_server(
+            services,
+            access_log=None,
+            handler_cancellation=True,
+            # Also bounds a connection that never completes its request (slowloris).
+            keepalive_timeout=settings.proxy.idle_timeout,
+        )
         proxy_port = await _start(
             runners,
             web.ServerRunner(proxy_server, shutdown_timeout=grace),
@@ -226,7 +232,12 @@ async def serve(
         )
         admin_port = await _start(
             runners,
-            web.AppRunner(build_admin_app(services), access_log=None, shutdown_timeout=grace),
+            web.AppRunner(
+                build_admin_app(services),
+                access_log=None,
+                shutdown_timeout=grace,
+                keepalive_timeout=settings.proxy.idle_timeout,
+            ),
             settings.admin.host,
             settings.admin.port,
         )

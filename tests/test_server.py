@@ -3,6 +3,7 @@ restarts and kill -9, the master key."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import resource
 import signal
@@ -210,3 +211,16 @@ async def test_sigterm_lets_an_in_flight_stream_finish(tmp_path):
             if server.proc is not None and server.proc.poll() is None:
                 server.proc.kill()
             server.proc = None
+
+
+@pytest.mark.parametrize("port", ["proxy", "admin"])
+async def test_connection_that_never_finishes_its_request_is_closed(start_server, port):
+    async with start_server(proxy={"idle_timeout": 0.5}) as server:
+        url = server.proxy_url if port == "proxy" else server.admin_url
+        host, port_number = url.split("//")[1].split("/")[0].split(":")
+        reader, writer = await asyncio.open_connection(host, int(port_number))
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # and no more
+        try:
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not left open
+        finally:
+            writer.close()
