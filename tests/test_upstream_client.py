@@ -835,6 +835,35 @@ async def test_tls_handshake_that_never_ends_hits_the_connect_timeout(
 # --- Connect errors and the address guard ----------------------------------------------------
 
 
+async def test_an_address_that_never_answers_does_not_hold_up_the_next(
+    serve: ServeFactory, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = await serve(replies(ok(b"from the second address")))
+    # 127.0.0.2 on the same port: a listener whose accept queue is full drops every SYN, as
+    # an address without a working route does.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.2", server.port))
+    blackhole.listen(0)
+    fillers = [socket.socket() for _ in range(4)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.2", server.port))
+
+    async def both(host: str, port: int) -> list[Any]:
+        return [ipaddress.ip_address("127.0.0.2"), ipaddress.ip_address("127.0.0.1")]
+
+    monkeypatch.setattr(client_module, "resolve_addresses", both)
+    client = make_client(connect_timeout=2.0)
+    try:
+        started = time.monotonic()
+        _, body = await fetch(client, "GET", f"http://upstream.example:{server.port}/v1")
+        assert body == b"from the second address"
+        assert time.monotonic() - started < 1.0  # not the whole connect timeout
+    finally:
+        for sock in (*fillers, blackhole):
+            sock.close()
+
+
 async def test_nothing_listening(client: UpstreamClient) -> None:
     with pytest.raises(UpstreamConnectError):
         await client.request("GET", f"http://127.0.0.1:{free_port()}/v1", "/x", NO_HEADERS, b"")

@@ -20,10 +20,14 @@ WebSocket upgrades (the Realtime API) use aiohttp's client instead; see ``server
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
+
+import aiohappyeyeballs
 
 from ..log import upstream_log
 from ..netguard import (
@@ -41,6 +45,9 @@ KEEPALIVE_SECONDS = 15.0
 # any (a new TLS connection costs a handshake; an idle one a few kilobytes until swept).
 MAX_IDLE_PER_ORIGIN = 4096
 DNS_TTL_SECONDS = 10.0
+# How long one address may keep a connect to itself before the next is tried too (RFC 8305
+# recommends 250 ms).
+HAPPY_EYEBALLS_DELAY = 0.25
 SWEEP_SECONDS = 5.0
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -208,24 +215,40 @@ class UpstreamClient:
             raise UpstreamTimeout() from None
 
     async def _dial(self, origin: Origin, addresses: list[str]) -> UpstreamConnection:
+        """Connect to the first of ``addresses`` to answer, then speak TLS if the origin does.
+
+        Addresses are tried Happy Eyeballs style (RFC 8305): when one has not answered
+        within HAPPY_EYEBALLS_DELAY the next is tried alongside it, so an address that
+        drops packets (IPv6 without a working route, typically) does not use up the
+        whole connect timeout.
+        """
         loop = self._loop()
         watch = self._silence_watch()
+        infos = [_address_info(address, origin.port) for address in addresses]
+        try:
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
+            )
+        except OSError as exc:
+            upstream_log.debug("connect to %s failed: %s", origin.host, exc)
+            raise UpstreamConnectError() from None
         tls = self._ssl if origin.scheme == "https" else None
-        for address in addresses:
-            try:
-                _, connection = await loop.create_connection(
-                    lambda: UpstreamConnection(loop, origin, watch),
-                    address,
-                    origin.port,
-                    ssl=tls,
-                    server_hostname=origin.host if tls else None,
-                )
-            except OSError as exc:  # ssl.SSLError included
-                upstream_log.debug("connect to %s (%s) failed: %s", origin.host, address, exc)
-                continue
-            connection.on_reusable = self._reusable
-            return connection
-        raise UpstreamConnectError()
+        try:
+            _, connection = await loop.create_connection(
+                lambda: UpstreamConnection(loop, origin, watch),
+                sock=sock,
+                ssl=tls,
+                server_hostname=origin.host if tls else None,
+            )
+        except OSError as exc:  # ssl.SSLError included
+            sock.close()
+            upstream_log.debug("TLS with %s failed: %s", origin.host, exc)
+            raise UpstreamConnectError() from None
+        except BaseException:
+            sock.close()  # cancelled (the connect timeout) during the TLS handshake
+            raise
+        connection.on_reusable = self._reusable
+        return connection
 
     async def _allowed_addresses(self, origin: Origin) -> list[str]:
         """The host's addresses the guard allows, looked up at most every DNS_TTL_SECONDS."""
@@ -267,6 +290,8 @@ async def _resolve(host: str, port: int) -> list[IPAddress]:
     return list(dict.fromkeys(found))  # once each, in the resolver's order
 
 
+AddressInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+
 # Request lines with their Host header, by (method, target, host): most requests repeat one.
 _START_LINES: dict[tuple[str, str, str], bytes] = {}
 
@@ -299,6 +324,13 @@ def _request_head(method: str, target: str, host: str, headers: bytes, body: byt
     if head.count(b"\n") != lines or head.count(b"\r") != lines:
         raise UpstreamError("a header holds a line break")
     return head
+
+
+def _address_info(address: str, port: int) -> AddressInfo:
+    """A getaddrinfo()-style entry for one numeric address, as aiohappyeyeballs takes."""
+    if ":" in address:
+        return (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port, 0, 0))
+    return (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))
 
 
 def _default_ssl_context() -> ssl.SSLContext:
