@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -95,6 +96,9 @@ class UpstreamSettings:
     shared_hosts: list[str] = field(default_factory=lambda: list(DEFAULT_SHARED_HOSTS))
     # How often keys without an explicit model list re-ask their upstream's /models.
     models_refresh_minutes: float = 60
+    # http://[user:password@]host:port of a proxy that https upstreams are reached through
+    # (CONNECT); None connects directly. http:// upstreams (local servers) never use it.
+    http_proxy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,10 @@ _CHECKS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("upstream", "connect_timeout"): (lambda v: v > 0, "greater than 0"),
     ("upstream", "read_timeout"): (lambda v: v > 0, "greater than 0"),
     ("upstream", "max_attempts"): (lambda v: 1 <= v <= 20, "between 1 and 20"),
+    ("upstream", "http_proxy"): (
+        lambda v: v is None or _is_proxy_url(v),
+        "null or http://[user:password@]host:port",
+    ),
     ("upstream", "models_refresh_minutes"): (lambda v: v > 0, "greater than 0"),
     ("pool", "strategy"): (
         lambda v: v in ("least_busy", "round_robin", "random"),
@@ -173,6 +181,20 @@ _CHECKS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
 }
 for _name in ("rpm", "tpm", "daily_tokens", "max_concurrent"):
     _CHECKS[("limits", _name)] = (lambda v: v is None or v >= 1, "null or at least 1")
+
+
+def _is_proxy_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        return False
+    return (
+        parts.scheme == "http"
+        and bool(parts.hostname)
+        and parts.path in ("", "/")
+        and not parts.query
+    )
 
 
 def load_settings(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> Settings:

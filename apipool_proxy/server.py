@@ -35,7 +35,7 @@ from .proxy import build_proxy_server
 from .state import Services
 from .storage import Database, StorageError
 from .tasks import BackgroundTasks
-from .upstream import UpstreamClient
+from .upstream import ForwardProxy, UpstreamClient
 from .upstream_keys import UpstreamKeys
 from .usage import WriteBehind
 
@@ -81,13 +81,15 @@ async def open_services(settings: Settings, environ: Mapping[str, str]) -> Servi
     except StorageError as exc:
         raise StartupError(str(exc)) from None
     try:
-        return await _load(settings, db, master_key)
+        return await _load(settings, db, master_key, environ)
     except BaseException:
         await db.close()
         raise
 
 
-async def _load(settings: Settings, db: Database, master_key: bytes) -> Services:
+async def _load(
+    settings: Settings, db: Database, master_key: bytes, environ: Mapping[str, str]
+) -> Services:
     accounts = Accounts(db, settings.auth)
     await accounts.load()
     pool = KeyPool(settings.pool.strategy, settings.pool.prefer_own_keys)
@@ -114,7 +116,7 @@ async def _load(settings: Settings, db: Database, master_key: bytes) -> Services
         limiter=limiter,
         metrics=Metrics(),
         tasks=BackgroundTasks(),
-        upstream=_upstream_client(settings, forbidden_ports),
+        upstream=_upstream_client(settings, forbidden_ports, environ),
         websocket_session=_websocket_session(settings, forbidden_ports),
         objects=objects,
     )
@@ -126,13 +128,29 @@ async def _load(settings: Settings, db: Database, master_key: bytes) -> Services
     return services
 
 
-def _upstream_client(settings: Settings, forbidden_ports: set[int]) -> UpstreamClient:
+def _upstream_client(
+    settings: Settings, forbidden_ports: set[int], environ: Mapping[str, str]
+) -> UpstreamClient:
     """The one client every plain upstream request goes through (see ``upstream/``)."""
     upstream = settings.upstream
     policy = netguard.AddressPolicy(upstream.allow_private_networks, forbidden_ports)
+    proxy = ForwardProxy.from_url(upstream.http_proxy) if upstream.http_proxy else None
+    if proxy is None and _proxy_in_environment(environ):
+        server_log.warning(
+            "a proxy is set in the environment (HTTPS_PROXY or ALL_PROXY) but upstream"
+            " requests do not use it; set upstream.http_proxy to send them through one"
+        )
     return UpstreamClient(
-        policy, connect_timeout=upstream.connect_timeout, read_timeout=upstream.read_timeout
+        policy,
+        connect_timeout=upstream.connect_timeout,
+        read_timeout=upstream.read_timeout,
+        proxy=proxy,
     )
+
+
+def _proxy_in_environment(environ: Mapping[str, str]) -> bool:
+    names = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    return any(environ.get(name) for name in names)
 
 
 def _websocket_session(settings: Settings, forbidden_ports: set[int]) -> aiohttp.ClientSession:

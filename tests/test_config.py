@@ -58,6 +58,10 @@ def test_environment_overrides_with_yaml_values():
         ({"log": {"level": "LOUD"}}, "log.level"),
         ({"pool": {"strategy": None}}, "pool.strategy: must not be null"),
         ({"pool": "fast"}, "pool: expected a mapping"),
+        ({"upstream": {"http_proxy": "https://proxy:3128"}}, "upstream.http_proxy: must be null"),
+        ({"upstream": {"http_proxy": "http://proxy:99999"}}, "upstream.http_proxy: must be null"),
+        ({"upstream": {"http_proxy": "http://proxy/path"}}, "upstream.http_proxy: must be null"),
+        ({"proxy": {"idle_timeout": 0}}, "proxy.idle_timeout: must be between"),
         ({"extra": {}}, "unknown section 'extra'"),
     ],
 )

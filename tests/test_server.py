@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import resource
 import signal
 import stat
@@ -17,7 +18,9 @@ from typing import Any
 
 import pytest
 
-from .support import PASSWORD, ServerProcess, free_port, run_cli
+from apipool_proxy.server import serve
+
+from .support import PASSWORD, ServerProcess, free_port, make_settings, run_cli
 
 
 def call(url: str, method: str = "GET", body: Any = None, token: str | None = None):
@@ -224,3 +227,13 @@ async def test_connection_that_never_finishes_its_request_is_closed(start_server
             assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, not left open
         finally:
             writer.close()
+
+
+@pytest.mark.parametrize("configured", [None, "http://proxy.example:3128"])
+async def test_a_proxy_in_the_environment_is_not_used_silently(tmp_path, caplog, configured):
+    settings = make_settings(tmp_path, upstream={"http_proxy": configured})
+    caplog.set_level(logging.WARNING, logger="apipool_proxy")
+    async with serve(settings, environ={"HTTPS_PROXY": "http://other.example:8080"}):
+        pass
+    warned = "set upstream.http_proxy" in caplog.text
+    assert warned == (configured is None)

@@ -32,8 +32,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import apipool_proxy.upstream.client as client_module
-from apipool_proxy.netguard import AddressPolicy
+from apipool_proxy.netguard import AddressPolicy, UnresolvableHostError
 from apipool_proxy.upstream import (
+    ForwardProxy,
     UpstreamClient,
     UpstreamClosed,
     UpstreamConnectError,
@@ -192,6 +193,7 @@ async def make_client(serve: ServeFactory):
         connect_timeout: float = 0.5,
         read_timeout: float = 0.5,
         ssl_context: ssl.SSLContext | None = None,
+        proxy: str | None = None,
     ) -> UpstreamClient:
         policy = AddressPolicy(allow_private_networks=private, forbidden_ports=set(forbidden_ports))
         client = UpstreamClient(
@@ -199,6 +201,7 @@ async def make_client(serve: ServeFactory):
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
             ssl_context=ssl_context,
+            proxy=ForwardProxy.from_url(proxy) if proxy else None,
         )
         clients.append(client)
         return client
@@ -1497,3 +1500,174 @@ async def test_unsolicited_switching_protocols_is_a_protocol_error(
 async def test_base_url_with_an_invalid_port(client: UpstreamClient, base_url: str) -> None:
     with pytest.raises(UpstreamConnectError):
         await client.request("GET", base_url, "/x", NO_HEADERS, b"")
+
+
+# --- Forward proxy -----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class TunnelProxy:
+    """A forward proxy that only tunnels (CONNECT), as HTTPS proxies are used."""
+
+    credentials: str | None = None  # the Proxy-Authorization value it wants
+    refusal: bytes | None = None  # answer this to every CONNECT instead of tunnelling
+    port: int = 0
+    heads: list[bytes] = field(default_factory=list)
+    _server: asyncio.Server | None = None
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    async def start(self) -> TunnelProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def url(self, userinfo: str = "") -> str:
+        return f"http://{userinfo}127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            if self.refusal is not None:
+                writer.write(self.refusal)
+                return
+            wanted = f"Proxy-Authorization: {self.credentials}".encode()
+            if self.credentials and wanted not in head.split(b"\r\n"):
+                writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+                return
+            host, _, port = head.split(b" ")[1].decode().rpartition(":")
+            up_reader, up_writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def tunnel_proxy() -> Any:
+    proxies: list[TunnelProxy] = []
+
+    async def start(**fields: Any) -> TunnelProxy:
+        proxies.append(await TunnelProxy(**fields).start())
+        return proxies[-1]
+
+    yield start
+    for proxy in proxies:
+        await proxy.stop()
+
+
+async def test_https_upstream_through_a_forward_proxy(
+    serve: ServeFactory,
+    make_client: ClientFactory,
+    tls_files: tuple[Path, Path],
+    tls_server_context: ssl.SSLContext,
+    tunnel_proxy: Any,
+) -> None:
+    server = await serve(replies(ok(b"through the tunnel")), ssl_context=tls_server_context)
+    proxy = await tunnel_proxy(credentials="Basic " + "dTpwQHNz")  # u:p@ss
+    trusting = ssl.create_default_context(cafile=str(tls_files[0]))
+    client = make_client(ssl_context=trusting, proxy=proxy.url("u:p%40ss@"))
+    url = f"https://localhost:{server.port}/v1"
+    for _ in range(2):
+        response, body = await fetch(client, "POST", url, "/chat/completions", body=b"{}")
+        assert (response.status, body) == (200, b"through the tunnel")
+    assert len(proxy.heads) == 1  # one tunnel, kept alive
+    assert proxy.heads[0].startswith(b"CONNECT localhost:%d HTTP/1.1\r\n" % server.port)
+    assert b"Proxy-Authorization" not in server.requests[0]  # the proxy's secret stays there
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [None, b"HTTP/1.1 403 Forbidden\r\n\r\n", b"", b"HTTP/1.1 200 OK\r\n\r\nearly bytes"],
+    ids=["wants-credentials", "forbidden", "closes", "speaks-first"],
+)
+async def test_forward_proxy_without_a_tunnel_is_a_connect_error(
+    make_client: ClientFactory, tunnel_proxy: Any, refusal: bytes | None
+) -> None:
+    proxy = await tunnel_proxy(credentials="Basic eDp5", refusal=refusal)
+    client = make_client(proxy=proxy.url())
+    with pytest.raises(UpstreamConnectError):
+        await client.request("GET", "https://localhost:9/v1", "/models", NO_HEADERS, b"")
+    assert len(proxy.heads) == 1
+
+
+async def test_guard_judges_hosts_reached_through_the_proxy(
+    make_client: ClientFactory, tunnel_proxy: Any
+) -> None:
+    proxy = await tunnel_proxy()
+    client = make_client(private=False, proxy=proxy.url())
+    for url in ("https://127.0.0.1:8443/v1", "https://169.254.169.254/v1"):
+        with pytest.raises(UpstreamConnectError):
+            await client.request("GET", url, "/models", NO_HEADERS, b"")
+    assert proxy.heads == []  # refused here, the proxy never asked
+
+
+async def test_name_unknown_here_is_left_to_the_proxy(
+    serve: ServeFactory,
+    make_client: ClientFactory,
+    tls_files: tuple[Path, Path],
+    tls_server_context: ssl.SSLContext,
+    tunnel_proxy: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def unknown(host: str, port: int) -> list[Any]:
+        raise UnresolvableHostError(host)
+
+    monkeypatch.setattr(client_module, "resolve_addresses", unknown)
+    server = await serve(replies(ok(b"resolved by the proxy")), ssl_context=tls_server_context)
+    proxy = await tunnel_proxy()
+    trusting = ssl.create_default_context(cafile=str(tls_files[0]))
+    client = make_client(ssl_context=trusting, proxy=proxy.url())
+    _, body = await fetch(client, "GET", f"https://localhost:{server.port}/v1")
+    assert body == b"resolved by the proxy"
+
+
+async def test_plain_http_upstreams_do_not_use_the_proxy(
+    serve: ServeFactory, make_client: ClientFactory, tunnel_proxy: Any
+) -> None:
+    server = await serve(replies(ok(b"direct")))
+    proxy = await tunnel_proxy()
+    client = make_client(proxy=proxy.url())
+    _, body = await fetch(client, "GET", server.url + "/v1")
+    assert body == b"direct"
+    assert proxy.heads == []
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://proxy.corp:3128", ForwardProxy("proxy.corp", 3128, None)),
+        ("http://proxy.corp", ForwardProxy("proxy.corp", 80, None)),
+        ("http://a%3Ab:c%40d@[::1]:8080/", ForwardProxy("::1", 8080, "Basic YTpiOmNAZA==")),
+    ],
+)
+def test_forward_proxy_urls(url: str, expected: ForwardProxy) -> None:
+    assert ForwardProxy.from_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["https://proxy.corp:3128", "socks5://proxy:1080", "http://"])
+def test_unsupported_forward_proxy_urls(url: str) -> None:
+    with pytest.raises(ValueError):
+        ForwardProxy.from_url(url)

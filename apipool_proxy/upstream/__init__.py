@@ -1,6 +1,6 @@
 """HTTP/1.1 requests to upstreams: connections, keep-alive, timeouts and the address guard."""
 
-from .client import UpstreamClient, header_block
+from .client import ForwardProxy, UpstreamClient, header_block
 from .connection import UpstreamResponse
 from .errors import (
     UpstreamClosed,
@@ -11,6 +11,7 @@ from .errors import (
 )
 
 __all__ = (
+    "ForwardProxy",
     "UpstreamClient",
     "UpstreamClosed",
     "UpstreamConnectError",

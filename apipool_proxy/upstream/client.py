@@ -14,7 +14,8 @@ per-read timers). This client does only what a reverse proxy needs:
   and the socket connected to that very address, so DNS rebinding gains nothing; a host's
   allowed addresses are raced Happy Eyeballs style, so a dead one costs 250 ms, not the
   connect timeout;
-- no cookies, no redirects followed, no proxies from the environment.
+- an optional forward proxy for https upstreams (CONNECT tunnels), set in the
+  configuration only: no cookies, no redirects followed, no proxies from the environment.
 
 WebSocket upgrades (the Realtime API) use aiohttp's client instead; see ``server.py``.
 """
@@ -22,12 +23,13 @@ WebSocket upgrades (the Realtime API) use aiohttp's client instead; see ``server
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohappyeyeballs
 
@@ -40,7 +42,13 @@ from ..netguard import (
     resolve_addresses,
 )
 from .connection import SilenceWatch, UpstreamConnection, UpstreamResponse
-from .errors import StaleConnection, UpstreamConnectError, UpstreamError, UpstreamTimeout
+from .errors import (
+    StaleConnection,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+)
 
 KEEPALIVE_SECONDS = 15.0
 # Idle connections kept per origin: enough for a burst of streams to end without closing
@@ -50,6 +58,7 @@ DNS_TTL_SECONDS = 10.0
 # How long one address may keep a connect to itself before the next is tried too (RFC 8305
 # recommends 250 ms).
 HAPPY_EYEBALLS_DELAY = 0.25
+MAX_TUNNEL_ANSWER = 16 * 1024  # a forward proxy's answer to CONNECT
 SWEEP_SECONDS = 5.0
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -66,6 +75,27 @@ class Origin:
     idle: list[UpstreamConnection] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ForwardProxy:
+    """An HTTP proxy that https upstreams are reached through, with CONNECT tunnels."""
+
+    host: str
+    port: int
+    authorization: str | None  # the Proxy-Authorization value, when the URL has credentials
+
+    @classmethod
+    def from_url(cls, url: str) -> ForwardProxy:
+        """``http://[user:password@]host[:port]``; raises ValueError otherwise."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "http" or not parts.hostname:
+            raise ValueError("a forward proxy URL is http://[user:password@]host[:port]")
+        authorization = None
+        if parts.username is not None:
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            authorization = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        return cls(parts.hostname, parts.port or 80, authorization)
+
+
 class UpstreamClient:
     def __init__(
         self,
@@ -74,13 +104,17 @@ class UpstreamClient:
         connect_timeout: float,
         read_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        proxy: ForwardProxy | None = None,
     ) -> None:
         self._policy = policy
+        self._proxy = proxy
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._ssl = ssl_context or _default_ssl_context()
         self._origins: dict[str, tuple[Origin, str]] = {}
         self._addresses: dict[tuple[str, int], tuple[float, list[str]]] = {}
+        # (host, port) reached through the proxy -> until when the guard's verdict holds.
+        self._proxied_checked: dict[tuple[str, int], float] = {}
         self._closed = False
         self._running_loop: asyncio.AbstractEventLoop | None = None
         self._silence: SilenceWatch | None = None
@@ -211,29 +245,35 @@ class UpstreamClient:
     async def _connect(self, origin: Origin) -> UpstreamConnection:
         try:
             async with asyncio.timeout(self._connect_timeout):
+                if self._proxy is not None and origin.scheme == "https":
+                    return await self._dial_through(self._proxy, origin)
                 addresses = await self._allowed_addresses(origin)
-                return await self._dial(origin, addresses)
+                sock = await self._open_socket(origin.host, origin.port, addresses)
+                return await self._wrap(origin, sock)
         except TimeoutError:
             raise UpstreamTimeout() from None
 
-    async def _dial(self, origin: Origin, addresses: list[str]) -> UpstreamConnection:
-        """Connect to the first of ``addresses`` to answer, then speak TLS if the origin does.
+    async def _open_socket(self, host: str, port: int, addresses: list[str]) -> socket.socket:
+        """A TCP connection to the first of ``addresses`` (of ``host``) to answer.
 
         Addresses are tried Happy Eyeballs style (RFC 8305): when one has not answered
         within HAPPY_EYEBALLS_DELAY the next is tried alongside it, so an address that
         drops packets (IPv6 without a working route, typically) does not use up the
         whole connect timeout.
         """
-        loop = self._loop()
-        watch = self._silence_watch()
-        infos = [_address_info(address, origin.port) for address in addresses]
+        infos = [_address_info(address, port) for address in addresses]
         try:
-            sock = await aiohappyeyeballs.start_connection(
+            return await aiohappyeyeballs.start_connection(
                 infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1
             )
         except OSError as exc:
-            upstream_log.debug("connect to %s failed: %s", origin.host, exc)
+            upstream_log.debug("connect to %s failed: %s", host, exc)
             raise UpstreamConnectError() from None
+
+    async def _wrap(self, origin: Origin, sock: socket.socket) -> UpstreamConnection:
+        """The connection on a connected socket, after the TLS handshake if the origin wants it."""
+        loop = self._loop()
+        watch = self._silence_watch()
         tls = self._ssl if origin.scheme == "https" else None
         try:
             _, connection = await loop.create_connection(
@@ -251,6 +291,44 @@ class UpstreamClient:
             raise
         connection.on_reusable = self._reusable
         return connection
+
+    async def _dial_through(self, proxy: ForwardProxy, origin: Origin) -> UpstreamConnection:
+        """A TLS connection to ``origin`` inside a CONNECT tunnel through ``proxy``."""
+        await self._check_proxied_host(origin)
+        proxy_addresses = [str(ip) for ip in await _resolve(proxy.host, proxy.port)]
+        sock = await self._open_socket(proxy.host, proxy.port, proxy_addresses)
+        try:
+            await _open_tunnel(self._loop(), sock, proxy, origin)
+        except BaseException:
+            sock.close()
+            raise
+        return await self._wrap(origin, sock)
+
+    async def _check_proxied_host(self, origin: Origin) -> None:
+        """The guard, for a host the proxy will resolve: every address it has here must be
+        allowed. A name this machine cannot resolve is left to the proxy; names were vetted
+        (no localhost, no internal suffixes) when the key was added."""
+        where = (origin.host, origin.port)
+        loop = self._loop()
+        if self._proxied_checked.get(where, 0.0) > loop.time():
+            return
+        ip = parse_address(origin.host)
+        try:
+            found = [ip] if ip is not None else await resolve_addresses(origin.host, origin.port)
+        except UnresolvableHostError:
+            found = []
+        for address in found:
+            reason = self._policy.refusal(address, origin.port)
+            if reason is not None:
+                upstream_log.warning(
+                    "upstream guard refused %s port %d (%s): %s",
+                    origin.host,
+                    origin.port,
+                    address,
+                    reason,
+                )
+                raise UpstreamConnectError()
+        self._proxied_checked[where] = loop.time() + DNS_TTL_SECONDS
 
     async def _allowed_addresses(self, origin: Origin) -> list[str]:
         """The host's addresses the guard allows, looked up at most every DNS_TTL_SECONDS."""
@@ -326,6 +404,36 @@ def _request_head(method: str, target: str, host: str, headers: bytes, body: byt
     if head.count(b"\n") != lines or head.count(b"\r") != lines:
         raise UpstreamError("a header holds a line break")
     return head
+
+
+async def _open_tunnel(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, proxy: ForwardProxy, origin: Origin
+) -> None:
+    """Ask the proxy for a tunnel to ``origin`` (CONNECT) and read its answer."""
+    shown = f"[{origin.host}]" if ":" in origin.host else origin.host
+    authority = f"{shown}:{origin.port}"
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    if proxy.authorization:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
+    await loop.sock_sendall(sock, ("\r\n".join(lines) + "\r\n\r\n").encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        piece = await loop.sock_recv(sock, 4096)
+        if not piece:
+            upstream_log.warning("forward proxy closed the connection instead of a tunnel")
+            raise UpstreamConnectError()
+        answer += piece
+        if len(answer) > MAX_TUNNEL_ANSWER:
+            raise UpstreamProtocolError("the forward proxy's answer is too long")
+    head, _, early = answer.partition(b"\r\n\r\n")
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or parts[1] != "200" or early:
+        # The status line only: a proxy's answer might echo what it was sent.
+        upstream_log.warning(
+            "forward proxy refused a tunnel to %s: %.60s", origin.host, status_line
+        )
+        raise UpstreamConnectError()
 
 
 def _address_info(address: str, port: int) -> AddressInfo:
