@@ -1624,7 +1624,9 @@ async def test_guard_judges_hosts_reached_through_the_proxy(
     assert proxy.heads == []  # refused here, the proxy never asked
 
 
+@pytest.mark.parametrize("no_answer", [False, True], ids=["unknown", "dns-silent"])
 async def test_name_unknown_here_is_left_to_the_proxy(
+    no_answer: bool,
     serve: ServeFactory,
     make_client: ClientFactory,
     tls_files: tuple[Path, Path],
@@ -1635,7 +1637,12 @@ async def test_name_unknown_here_is_left_to_the_proxy(
     async def unknown(host: str, port: int) -> list[Any]:
         raise UnresolvableHostError(host)
 
-    monkeypatch.setattr(client_module, "resolve_addresses", unknown)
+    async def silent(host: str, port: int) -> list[Any]:
+        await asyncio.sleep(60)  # a DNS server that never answers
+        return []
+
+    monkeypatch.setattr(client_module, "resolve_addresses", silent if no_answer else unknown)
+    monkeypatch.setattr(client_module, "PROXIED_LOOKUP_SECONDS", 0.1)
     server = await serve(replies(ok(b"resolved by the proxy")), ssl_context=tls_server_context)
     proxy = await tunnel_proxy()
     trusting = ssl.create_default_context(cafile=str(tls_files[0]))

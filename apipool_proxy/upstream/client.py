@@ -59,6 +59,9 @@ DNS_TTL_SECONDS = 10.0
 # recommends 250 ms).
 HAPPY_EYEBALLS_DELAY = 0.25
 MAX_TUNNEL_ANSWER = 16 * 1024  # a forward proxy's answer to CONNECT
+# Behind a forward proxy: how long to wait for local DNS, and to remember it had no answer.
+PROXIED_LOOKUP_SECONDS = 2.0
+UNRESOLVED_TTL_SECONDS = 300.0
 SWEEP_SECONDS = 5.0
 _BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -314,8 +317,13 @@ class UpstreamClient:
             return
         ip = parse_address(origin.host)
         try:
-            found = [ip] if ip is not None else await resolve_addresses(origin.host, origin.port)
-        except UnresolvableHostError:
+            if ip is not None:
+                found = [ip]
+            else:
+                # Where only the proxy reaches out, local DNS may not answer at all.
+                async with asyncio.timeout(PROXIED_LOOKUP_SECONDS):
+                    found = await resolve_addresses(origin.host, origin.port)
+        except (UnresolvableHostError, TimeoutError):
             found = []
         for address in found:
             reason = self._policy.refusal(address, origin.port)
@@ -328,7 +336,9 @@ class UpstreamClient:
                     reason,
                 )
                 raise UpstreamConnectError()
-        self._proxied_checked[where] = loop.time() + DNS_TTL_SECONDS
+        # A name unknown here stays unknown for a while: do not ask local DNS every time.
+        ttl = DNS_TTL_SECONDS if found else UNRESOLVED_TTL_SECONDS
+        self._proxied_checked[where] = loop.time() + ttl
 
     async def _allowed_addresses(self, origin: Origin) -> list[str]:
         """The host's addresses the guard allows, looked up at most every DNS_TTL_SECONDS."""
