@@ -90,7 +90,7 @@ class AuthSettings:
 class UpstreamSettings:
     connect_timeout: float = 10
     # Idle-read timeout: the longest silence allowed between two reads from upstream.
-    read_timeout: float = 300
+    read_timeout: float = 600  # as the openai SDK: a reasoning model may be silent for minutes
     max_attempts: int = 3
     allow_private_networks: bool = False
     shared_hosts: list[str] = field(default_factory=lambda: list(DEFAULT_SHARED_HOSTS))
