@@ -145,10 +145,11 @@ class UpstreamResponse:
         Call it when ``take()`` has just returned None. From then on ``sink`` is called
         from the connection's read callback with everything one read brought, and returns
         False to stop being pushed to: the body then queues again and ``arrival()`` fires.
-        The end of the body is never pushed: once it has arrived, ``arrival()`` fires and
-        ``take()`` has the rest, so a relay can send its last piece together with the end
-        of its own answer. Returns False, and pushes nothing, for a compressed body (which
-        ``take()`` decodes in bounded slices) or one that is already over.
+        Pieces that arrive with the end of the body are pushed too, before ``arrival()``
+        fires for the end: when many streams end at once, a last piece left for the relay
+        to take would wait for every one of their endings. Returns False, and pushes
+        nothing, for a compressed body (which ``take()`` decodes in bounded slices) or one
+        that is already over.
         """
         if self._inflater is not None or self._done or self._error is not None:
             return False
@@ -220,11 +221,11 @@ class UpstreamResponse:
         self._wake()
 
     def _push(self) -> None:
-        """Hand what arrived to the sink, unless the body is over (``take()`` has the end)."""
+        """Hand what arrived to the sink; stop pushing once the body is over."""
         chunks, sink = self._chunks, self._sink
         if sink is None or not chunks:
             return
-        if self._done or self._error is not None:
+        if self._error is not None:
             self._stop_pushing()
             return
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -236,9 +237,10 @@ class UpstreamResponse:
             # A bug in the relay, not the upstream's fault: the piece is lost, so the body
             # must not look whole to whoever reads on.
             upstream_log.exception("relay sink failed")
+            self._done = False
             self._fail(UpstreamError())
             return
-        if not keep:
+        if not keep or self._done:
             self._stop_pushing()
 
     def _stop_pushing(self) -> None:
@@ -249,7 +251,8 @@ class UpstreamResponse:
 
     def _complete(self) -> None:
         self._done = True
-        self._sink = None
+        if not self._chunks:
+            self._sink = None  # else the read callback pushes the last pieces, then stops
         self._wake()
 
     def _fail(self, error: UpstreamError) -> None:
