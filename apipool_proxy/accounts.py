@@ -7,10 +7,13 @@ logout, a revoked API token or a disabled user takes effect on the very next req
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +100,14 @@ class LoginThrottle:
         return times
 
 
+# Password hashes computed at once. bcrypt is meant to be slow (a quarter second at cost
+# 12) and releases the GIL, so a flood of registrations or logins would otherwise take
+# every core from the proxy; one at a time leaves the others to serving requests.
+PASSWORD_WORKERS = 1
+# Password checks allowed to wait for a worker; beyond that the answer is 503 at once.
+PASSWORD_QUEUE = 64
+
+
 class Accounts:
     def __init__(self, db: Database, settings: AuthSettings) -> None:
         self.db = db
@@ -105,6 +116,11 @@ class Accounts:
         self._tokens: dict[bytes, Token] = {}
         self._touched: dict[int, float] = {}
         self.throttle = LoginThrottle(settings.login_max_failures, settings.login_window_seconds)
+        self.registrations = LoginThrottle(
+            settings.registrations_per_address, settings.login_window_seconds
+        )
+        self._password_workers = asyncio.Semaphore(PASSWORD_WORKERS)
+        self._password_waiting = 0
 
     async def load(self) -> None:
         """Read users and live tokens into memory, and apply ``auth.admins``."""
@@ -154,10 +170,15 @@ class Accounts:
 
     # -- registration and sessions ---------------------------------------------------------
 
-    async def register(self, username: Any, password: Any) -> User:
+    async def register(self, username: Any, password: Any, client: str | None = None) -> User:
+        """Create an account; ``client``, the caller's address, when a member signs up (not
+        when an admin creates the account), counts against auth.registrations_per_address."""
         username = validate_username(username)
         validate_password(password)
-        hashed = await crypto.hash_password(password, self.settings.bcrypt_rounds)
+        if client is not None:
+            self._count_registration("addr:" + client)
+        async with self._password_work():
+            hashed = await crypto.hash_password(password, self.settings.bcrypt_rounds)
         is_admin = username.lower() in {n.lower() for n in self.settings.admins}
         now = time.time()
         try:
@@ -191,7 +212,8 @@ class Accounts:
         self.throttle.fail(subjects, now)
         row = await self.db.user_by_name(username) if USERNAME_RE.fullmatch(username) else None
         stored = row["password_hash"] if row else None
-        ok = await crypto.check_password(password[:300], stored, self.settings.bcrypt_rounds)
+        async with self._password_work():
+            ok = await crypto.check_password(password[:300], stored, self.settings.bcrypt_rounds)
         user = self.users.get(row["id"]) if (ok and row) else None
         if user is None or user.disabled:
             admin_log.info("failed login from %s", client)
@@ -200,6 +222,38 @@ class Accounts:
         self.throttle.forgive(subjects[1], now)
         ttl = self.settings.session_ttl_hours * 3600
         return await self._issue(user, "session", None, now + ttl)
+
+    def _count_registration(self, subject: str) -> None:
+        now = time.time()
+        wait = self.registrations.retry_after([subject], now)
+        if wait is not None:
+            raise ApiError(
+                429,
+                f"Too many accounts registered from this address; try again in {wait} s.",
+                code="too_many_registrations",
+                headers={"Retry-After": str(wait)},
+            )
+        self.registrations.fail([subject], now)
+
+    @contextlib.asynccontextmanager
+    async def _password_work(self) -> AsyncIterator[None]:
+        """A turn at hashing or checking a password (see PASSWORD_WORKERS)."""
+        if self._password_waiting >= PASSWORD_QUEUE:
+            raise ApiError(
+                503,
+                "The server is busy checking passwords; try again shortly.",
+                code="busy",
+                headers={"Retry-After": "1"},
+            )
+        self._password_waiting += 1
+        try:
+            await self._password_workers.acquire()
+        finally:
+            self._password_waiting -= 1
+        try:
+            yield
+        finally:
+            self._password_workers.release()
 
     async def logout(self, principal: Principal) -> None:
         await self.revoke(principal.token)

@@ -82,6 +82,9 @@ class AuthSettings:
     # login_window_seconds before further attempts get 429.
     login_max_failures: int = 10
     login_window_seconds: int = 300
+    # Accounts one client address may register within login_window_seconds (admins creating
+    # accounts are not counted).
+    registrations_per_address: int = 10
     # bcrypt work factor: each step doubles the time a password check takes.
     bcrypt_rounds: int = 12
 
@@ -159,6 +162,7 @@ _CHECKS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("auth", "session_ttl_hours"): (lambda v: 0 < v <= 24 * 366, "between 0 and 8784"),
     ("auth", "login_max_failures"): (lambda v: v >= 1, "at least 1"),
     ("auth", "login_window_seconds"): (lambda v: v >= 1, "at least 1"),
+    ("auth", "registrations_per_address"): (lambda v: v >= 1, "at least 1"),
     ("auth", "bcrypt_rounds"): (lambda v: 4 <= v <= 16, "between 4 and 16"),
     ("upstream", "connect_timeout"): (lambda v: v > 0, "greater than 0"),
     ("upstream", "read_timeout"): (lambda v: v > 0, "greater than 0"),

@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import bcrypt
 import openai
 import pytest
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from apipool_proxy import accounts as accounts_module
 from apipool_proxy import netguard
 from apipool_proxy.log import RedactingFormatter
 from apipool_proxy.server import RunningServer
@@ -852,6 +854,56 @@ async def test_request_smuggling_framing_is_refused_on_both_ports(scene: Scene):
 
 
 # -- login throttling and enumeration ---------------------------------------------------------
+
+
+async def test_registrations_from_one_address_are_limited(start_server, http):
+    async with start_server(auth={"registrations_per_address": 3, "admins": ["root"]}) as server:
+        root = await Member(http, server.admin_url, "root").join()  # counts: a sign-up
+        answers = []
+        for i in range(4):
+            status, data = await Member(http, server.admin_url, f"user{i}").call(
+                "POST", "/api/register", {"username": f"user{i}", "password": PASSWORD}
+            )
+            answers.append(status)
+        assert answers == [201, 201, 429, 429]
+        assert data["error"]["code"] == "too_many_registrations"
+        # An admin creating accounts is not signing up.
+        status, _ = await root.call(
+            "POST", "/api/register", {"username": "made-by-root", "password": PASSWORD}
+        )
+        assert status == 201
+
+
+async def test_password_checks_run_one_at_a_time_and_overflow_is_503(
+    start_server, http, monkeypatch
+):
+    running = peak = 0
+    real_checkpw = bcrypt.checkpw
+
+    def watched_checkpw(password: bytes, hashed: bytes) -> bool:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            time.sleep(0.1)  # long enough for threads to overlap if they could
+            return real_checkpw(password, hashed)
+        finally:
+            running -= 1
+
+    async with start_server() as server:
+        await Member(http, server.admin_url, "alice").join()
+        monkeypatch.setattr(bcrypt, "checkpw", watched_checkpw)
+        monkeypatch.setattr(accounts_module, "PASSWORD_QUEUE", 4)
+        body = {"username": "alice", "password": PASSWORD}
+
+        async def login() -> int:
+            async with http.post(server.admin_url + "/api/login", json=body) as resp:
+                return resp.status
+
+        statuses = await asyncio.gather(*(login() for _ in range(8)))
+    assert peak == 1
+    assert statuses.count(200) >= 4 and set(statuses) <= {200, 503}
+    assert 503 in statuses  # more than the queue holds were waiting at once
 
 
 @needs_loopback_aliases

@@ -95,23 +95,22 @@ def client_address(request: web.Request) -> str:
 async def register(request: web.Request) -> web.Response:
     services = services_of(request)
     data = await json_object(request)
-    if not services.settings.auth.open_registration:
-        _check_closed_registration(request, services, data)
-    user = await services.accounts.register(data.get("username"), data.get("password"))
+    # Sign-ups count against the caller's address; accounts an admin creates do not.
+    caller = _optional_principal(request)
+    by_admin = caller is not None and caller.user.is_admin
+    if not services.settings.auth.open_registration and not by_admin:
+        _check_closed_registration(services, data)
+    client = None if by_admin else client_address(request)
+    user = await services.accounts.register(data.get("username"), data.get("password"), client)
     return web.json_response({"user_id": user.id, "username": user.username}, status=201)
 
 
-def _check_closed_registration(
-    request: web.Request, services: Services, data: dict[str, Any]
-) -> None:
+def _check_closed_registration(services: Services, data: dict[str, Any]) -> None:
     # With registration closed an admin creates accounts; the accounts named in
     # auth.admins may still register themselves, so a fresh server can be bootstrapped.
     admins = {name.lower() for name in services.settings.auth.admins}
     username = data.get("username")
     if isinstance(username, str) and username.lower() in admins:
-        return
-    caller = _optional_principal(request)
-    if caller is not None and caller.user.is_admin:
         return
     raise ApiError(
         403,
