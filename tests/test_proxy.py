@@ -572,3 +572,15 @@ async def test_refused_upload_gets_no_100_continue(pool: Pool, token, expect, st
         writer.close()
     assert head.startswith(b"HTTP/1.1 %d " % status)
     assert b'"error"' in error
+
+
+async def test_health_check_and_paths_outside_v1(server, http):
+    base = server.proxy_url.removesuffix("/v1")
+    async with http.get(base + "/healthz") as response:  # no token: for load balancers
+        assert (response.status, await response.json()) == (200, {"status": "ok"})
+    async with http.head(base + "/healthz") as response:
+        assert response.status == 200
+    for method, path in [("POST", "/healthz"), ("GET", "/"), ("GET", "/v2/models")]:
+        async with http.request(method, base + path) as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["code"] == "unknown_url"

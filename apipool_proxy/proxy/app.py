@@ -32,7 +32,7 @@ def route(request: web.BaseRequest) -> ProxyHandler:
     included), then its raw path."""
     path = request.path
     if not path.startswith("/v1/"):
-        return _not_v1
+        return _health if path == "/healthz" and request.method in ("GET", "HEAD") else _not_v1
     # aiohttp decodes the path, so "/v%31/chat/completions" and absolute-form targets
     # ("http://host/v1/...") arrive here too. The upstream URL is the key's base URL
     # followed by the raw path minus its first three characters, so anything but a literal
@@ -45,6 +45,18 @@ def route(request: web.BaseRequest) -> ProxyHandler:
         if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
             return models.get_model
     return forward.handle
+
+
+async def _health(request: web.BaseRequest, services: Services) -> web.StreamResponse:
+    """For load balancers and orchestrators: 200 while this port takes requests, 503 from
+    the start of a shutdown (so traffic moves elsewhere while in-flight requests finish)."""
+    if services.draining:
+        raise ApiError(503, "The proxy is shutting down.", code="shutting_down")
+    try:
+        await services.db.ping()
+    except Exception:
+        raise ApiError(503, "The database does not answer.", code="database_unavailable") from None
+    return web.json_response({"status": "ok"})
 
 
 async def _not_v1(request: web.BaseRequest, services: Services) -> web.StreamResponse:
