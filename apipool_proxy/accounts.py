@@ -108,6 +108,19 @@ PASSWORD_WORKERS = 1
 PASSWORD_QUEUE = 64
 
 
+def _refuse_if_throttled(
+    throttle: LoginThrottle, subjects: list[str], now: float, message: str, code: str
+) -> None:
+    wait = throttle.retry_after(subjects, now)
+    if wait is not None:
+        raise ApiError(
+            429,
+            f"{message}; try again in {wait} s.",
+            code=code,
+            headers={"Retry-After": str(wait)},
+        )
+
+
 class Accounts:
     def __init__(self, db: Database, settings: AuthSettings) -> None:
         self.db = db
@@ -199,14 +212,9 @@ class Accounts:
             )
         subjects = ["user:" + username.lower(), "addr:" + client]
         now = time.time()
-        wait = self.throttle.retry_after(subjects, now)
-        if wait is not None:
-            raise ApiError(
-                429,
-                f"Too many failed logins; try again in {wait} s.",
-                code="too_many_logins",
-                headers={"Retry-After": str(wait)},
-            )
+        _refuse_if_throttled(
+            self.throttle, subjects, now, "Too many failed logins", "too_many_logins"
+        )
         # Count the attempt as failed before the slow password check, so that attempts sent
         # in parallel all see each other; a right password takes it back below.
         self.throttle.fail(subjects, now)
@@ -225,14 +233,8 @@ class Accounts:
 
     def _count_registration(self, subject: str) -> None:
         now = time.time()
-        wait = self.registrations.retry_after([subject], now)
-        if wait is not None:
-            raise ApiError(
-                429,
-                f"Too many accounts registered from this address; try again in {wait} s.",
-                code="too_many_registrations",
-                headers={"Retry-After": str(wait)},
-            )
+        message = "Too many accounts registered from this address"
+        _refuse_if_throttled(self.registrations, [subject], now, message, "too_many_registrations")
         self.registrations.fail([subject], now)
 
     @contextlib.asynccontextmanager
