@@ -146,9 +146,10 @@ class UpstreamKeys:
                 400, f"'base_url' is not allowed: {exc}", param="base_url", code="invalid_base_url"
             ) from None
         except (netguard.UnresolvableHostError, TimeoutError):
-            # A host that does not resolve now is no danger: the guarded connector checks
-            # every address again when it connects. Accept it, so a DNS hiccup (or a
-            # machine without outside DNS) does not block contributing.
+            # A host that does not resolve now is no danger: the upstream client (and the
+            # WebSocket connector) check every address again when they connect. Accept it,
+            # so a DNS hiccup (or a machine that reaches out through a proxy) does not block
+            # contributing.
             admin_log.info("base URL host of a new key does not resolve yet: %s", url)
         return url
 
