@@ -99,6 +99,40 @@ def error_response(
 _HTTP_EXCEPTION_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
 
 
+class EnvelopeRequestHandler(web.RequestHandler):
+    """aiohttp's per-connection handler, answering what never reached a handler of ours (a
+    malformed request line or header, a header line too long) in the envelope as well.
+
+    aiohttp's own page is text that quotes the offending bytes back, and it logs a traceback
+    for every such request; this answer quotes nothing and the log gets one debug line.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has begun: no error answer can follow")
+        reason = type(exc).__name__ if exc is not None else str(status)
+        server_log.debug("unusable request from %s: %s", request.remote, reason)
+        if status < 500:
+            response = error_response(status, "The request is not valid HTTP.", code="bad_http")
+        else:
+            response = error_response(status, "The server had an error processing your request.")
+        response.force_close()
+        return response
+
+
+class EnvelopeServer(web.Server):
+    """aiohttp's low-level server with ``EnvelopeRequestHandler`` for its connections."""
+
+    def __call__(self) -> web.RequestHandler:
+        return EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

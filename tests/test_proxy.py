@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import re
 import time
 from collections.abc import AsyncIterator
@@ -584,3 +585,31 @@ async def test_health_check_and_paths_outside_v1(server, http):
         async with http.request(method, base + path) as response:
             assert response.status == 404
             assert (await response.json())["error"]["code"] == "unknown_url"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"s" * 20000 + b"\r\n\r\n",
+        b"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nsecret-sk-abc header\r\n\r\n",
+        b"SECRETMETHOD /v1/models HTTP/1.1\r\n\r\n",
+    ],
+    ids=["header-too-long", "length-and-chunked", "bad-header", "bad-method"],
+)
+async def test_malformed_http_gets_the_envelope_without_an_echo(server, raw: bytes):
+    proxy = urlsplit(server.proxy_url)
+    reader, writer = await asyncio.open_connection(proxy.hostname, proxy.port)
+    try:
+        writer.write(raw)
+        answer = await asyncio.wait_for(reader.read(), 5)  # and the connection is closed
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 400 " in head.split(b"\r\n")[0]
+    assert b"application/json" in head
+    error = json.loads(body)["error"]
+    assert (error["code"], error["type"]) == ("bad_http", "invalid_request_error")
+    for echo in (b"sss", b"secret", b"SECRETMETHOD", b"chunked"):
+        assert echo not in body

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import ApiError, envelope_for
+from ..errors import ApiError, EnvelopeServer, envelope_for
 from ..state import Services
 from . import forward, models
 from .access import add_exchange_headers
@@ -106,4 +106,4 @@ def build_proxy_server(services: Services, **kwargs: Any) -> web.Server:
                 exchange = request.get(EXCHANGE)
             services.answered.add(request, exchange, status, latency_ms)
 
-    return web.Server(handle, **kwargs)
+    return EnvelopeServer(handle, **kwargs)
