@@ -112,6 +112,8 @@ class PoolSettings:
     # Days the pool remembers which key holds a stored response or chat completion (the
     # upstream deletes them: OpenAI after 30 days by default); None remembers them forever.
     stored_response_days: float | None = 30
+    # Keys one member may add (admins are not limited).
+    max_keys_per_member: int = 100
 
 
 @dataclass(frozen=True)
@@ -177,6 +179,7 @@ _CHECKS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
         "one of least_busy, round_robin, random",
     ),
     ("pool", "stored_response_days"): (lambda v: v is None or v > 0, "null or greater than 0"),
+    ("pool", "max_keys_per_member"): (lambda v: v >= 1, "at least 1"),
     ("log", "level"): (
         lambda v: v.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
         "one of DEBUG, INFO, WARNING, ERROR",

@@ -82,6 +82,7 @@ class UpstreamKeys:
     # -- owner operations ------------------------------------------------------------------
 
     async def add(self, user: User, payload: dict[str, Any]) -> PooledKey:
+        self._check_room(user)
         secret = _check_secret(payload.get("key"))
         base_url = await self._check_base_url(payload.get("base_url", DEFAULT_BASE_URL))
         models = _check_models(payload.get("models"))
@@ -152,6 +153,22 @@ class UpstreamKeys:
             # contributing.
             admin_log.info("base URL host of a new key does not resolve yet: %s", url)
         return url
+
+    def _check_room(self, user: User) -> None:
+        """Members hold at most pool.max_keys_per_member keys; admins are not limited.
+
+        Every key costs memory, a place in key choice and model discovery requests to its
+        host, so one member must not be able to add them without end.
+        """
+        limit = self.settings.pool.max_keys_per_member
+        if user.is_admin or sum(1 for k in self.pool if k.owner_id == user.id) < limit:
+            return
+        raise ApiError(
+            403,
+            f"You already have {limit} keys in the pool, the most a member may add; remove"
+            " one first.",
+            code="too_many_keys",
+        )
 
     def owned(self, user: User, key_id: int) -> PooledKey:
         """The caller's key; another user's key is as missing as one that never existed."""

@@ -211,3 +211,21 @@ async def test_closed_registration_needs_an_admin(start_server, http):
             "POST", "/api/register", {"username": "eve", "password": PASSWORD}
         )
         assert status == 201
+
+
+async def test_a_member_holds_at_most_max_keys_per_member(start_server, http):
+    async with start_server(pool={"max_keys_per_member": 2}, auth={"admins": ["root"]}) as server:
+        alice = await Member(http, server.admin_url, "alice").join()
+        root = await Member(http, server.admin_url, "root").join()
+        body = {"base_url": "http://127.0.0.1:9/v1", "models": ["m"]}
+        first = await alice.add_key("sk-limit-one-" + "a" * 16, **body)
+        await alice.add_key("sk-limit-two-" + "a" * 16, **body)
+        status, data = await alice.call(
+            "POST", "/api/keys", {"key": "sk-three-" + "a" * 16, **body}
+        )
+        assert status == 403 and data["error"]["code"] == "too_many_keys"
+        # Room again once one is removed; admins are not limited.
+        assert (await alice.call("DELETE", f"/api/keys/{first['id']}"))[0] == 204
+        await alice.add_key("sk-limit-three-" + "a" * 16, **body)
+        for index in range(3):
+            await root.add_key(f"sk-root-{index}-" + "r" * 16, **body)
