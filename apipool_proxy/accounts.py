@@ -106,6 +106,10 @@ class LoginThrottle:
 PASSWORD_WORKERS = 1
 # Password checks allowed to wait for a worker; beyond that the answer is 503 at once.
 PASSWORD_QUEUE = 64
+# Live login sessions per user: a login beyond them signs out the oldest.
+MAX_SESSIONS = 20
+# Named API tokens per user.
+MAX_API_TOKENS = 100
 
 
 def _refuse_if_throttled(
@@ -228,8 +232,24 @@ class Accounts:
             raise ApiError(401, "Invalid username or password.", code="invalid_credentials")
         self.throttle.clear(subjects[0])
         self.throttle.forgive(subjects[1], now)
+        await self._make_room_for_session(user, now)
         ttl = self.settings.session_ttl_hours * 3600
         return await self._issue(user, "session", None, now + ttl)
+
+    async def _make_room_for_session(self, user: User, now: float) -> None:
+        """Sign out the oldest sessions beyond MAX_SESSIONS - 1, and forget expired ones, so
+        logging in again and again cannot grow the token table without end."""
+        sessions = []
+        for token in list(self._tokens.values()):
+            if token.user_id != user.id or token.kind != "session":
+                continue
+            if token.expires_at is not None and token.expires_at <= now:
+                self._tokens.pop(token.token_hash, None)  # dead already; nothing to write
+            else:
+                sessions.append(token)
+        sessions.sort(key=lambda t: t.created_at)
+        for token in sessions[: max(0, len(sessions) - MAX_SESSIONS + 1)]:
+            await self.revoke(token)
 
     def _count_registration(self, subject: str) -> None:
         now = time.time()
@@ -270,6 +290,12 @@ class Accounts:
         if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
             raise ApiError(
                 400, "'name' must be 1-64 printable characters.", param="name", code="invalid_value"
+            )
+        if len(self.api_tokens(user)) >= MAX_API_TOKENS:
+            raise ApiError(
+                403,
+                f"You already have {MAX_API_TOKENS} API tokens; revoke one first.",
+                code="too_many_tokens",
             )
         return await self._issue(user, "api", name, None)
 

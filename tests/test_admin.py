@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from apipool_proxy import accounts as accounts_module
+
 from .support import PASSWORD, Member
 
 
@@ -229,3 +231,27 @@ async def test_a_member_holds_at_most_max_keys_per_member(start_server, http):
         await alice.add_key("sk-limit-three-" + "a" * 16, **body)
         for index in range(3):
             await root.add_key(f"sk-root-{index}-" + "r" * 16, **body)
+
+
+async def test_sessions_and_api_tokens_per_user_are_bounded(server, http, monkeypatch):
+    monkeypatch.setattr(accounts_module, "MAX_SESSIONS", 3)
+    monkeypatch.setattr(accounts_module, "MAX_API_TOKENS", 2)
+    alice = await Member(http, server.admin_url, "alice").join()
+    sessions = []
+    for _ in range(4):
+        status, data = await alice.call(
+            "POST", "/api/login", {"username": "alice", "password": PASSWORD}
+        )
+        assert status == 200
+        sessions.append(data["token"])
+    alive = []
+    for token in sessions:
+        alice.token = token
+        alive.append((await alice.call("GET", "/api/me"))[0] == 200)
+    # The join() session and the first login were the oldest; three remain.
+    assert alive == [False, True, True, True]
+
+    for name in ("one", "two"):
+        assert (await alice.call("POST", "/api/tokens", {"name": name}))[0] == 201
+    status, data = await alice.call("POST", "/api/tokens", {"name": "three"})
+    assert status == 403 and data["error"]["code"] == "too_many_tokens"
