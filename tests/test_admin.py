@@ -255,3 +255,17 @@ async def test_sessions_and_api_tokens_per_user_are_bounded(server, http, monkey
         assert (await alice.call("POST", "/api/tokens", {"name": name}))[0] == 201
     status, data = await alice.call("POST", "/api/tokens", {"name": "three"})
     assert status == 403 and data["error"]["code"] == "too_many_tokens"
+
+
+async def test_admin_port_refuses_changes_asked_for_by_web_pages(server, http):
+    body = {"username": "mallory", "password": PASSWORD}
+    for origin in ("http://rebound.example:8081", "null", "http://127.0.0.1:8081"):
+        async with http.post(
+            server.admin_url + "/api/register", json=body, headers={"Origin": origin}
+        ) as response:
+            assert response.status == 403
+            assert (await response.json())["error"]["code"] == "web_page_refused"
+    async with http.get(server.admin_url + "/healthz", headers={"Origin": "null"}) as response:
+        assert response.status == 200  # reading public health is harmless
+    alice = await Member(http, server.admin_url, "mallory").join()  # no Origin: a client
+    assert alice.user_id

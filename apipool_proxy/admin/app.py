@@ -4,15 +4,36 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..errors import error_middleware
+from ..errors import ApiError, Handler, error_middleware
 from ..state import SERVICES, Services
 from . import views
 
 ADMIN_BODY_LIMIT = 1024 * 1024
 
 
+@web.middleware
+async def refuse_web_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse changes asked for by a web page: the admin port's clients are the CLI, the SDK
+    and scripts, which send no Origin header, while browsers send one with every request
+    that is not a GET or HEAD.
+
+    Without this, a page could register accounts and log in on a server that listens on
+    the visitor's own machine, by pointing its name at 127.0.0.1 (DNS rebinding), or post
+    forms to it from any site.
+    """
+    if "Origin" in request.headers and request.method not in ("GET", "HEAD"):
+        raise ApiError(
+            403,
+            "The admin port does not take requests from web pages.",
+            code="web_page_refused",
+        )
+    return await handler(request)
+
+
 def build_admin_app(services: Services) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=ADMIN_BODY_LIMIT)
+    app = web.Application(
+        middlewares=[error_middleware, refuse_web_pages], client_max_size=ADMIN_BODY_LIMIT
+    )
     app[SERVICES] = services
     add = app.router.add_route
     add("POST", "/api/register", views.register)
