@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import re
 import time
@@ -59,6 +60,11 @@ class Principal:
     token: Token
 
 
+# Subjects (accounts, addresses) a throttle remembers at most: attempts that never reach
+# a password check (answered 503 when the checks are busy) must not grow it without end.
+MAX_THROTTLE_SUBJECTS = 100_000
+
+
 class LoginThrottle:
     """Counts failed logins per account and per client address in a sliding window."""
 
@@ -77,7 +83,25 @@ class LoginThrottle:
 
     def fail(self, subjects: list[str], now: float) -> None:
         for subject in subjects:
-            self._failures.setdefault(subject, deque()).append(now)
+            times = self._failures.get(subject)
+            if times is None:
+                if len(self._failures) >= MAX_THROTTLE_SUBJECTS:
+                    self._make_room(now)
+                times = self._failures[subject] = deque()
+            times.append(now)
+
+    def _make_room(self, now: float) -> None:
+        """Forget subjects whose failures are all outside the window; if that is not enough
+        for a tenth of the room, the subjects seen first."""
+        cutoff = now - self.window
+        for subject in [s for s, times in self._failures.items() if times[-1] <= cutoff]:
+            del self._failures[subject]
+        excess = len(self._failures) - MAX_THROTTLE_SUBJECTS * 9 // 10
+        for subject in list(itertools.islice(self._failures, max(0, excess))):
+            del self._failures[subject]
+
+    def __len__(self) -> int:
+        return len(self._failures)
 
     def clear(self, subject: str) -> None:
         self._failures.pop(subject, None)

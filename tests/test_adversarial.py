@@ -1182,3 +1182,22 @@ def _database_bytes(tmp_path: Path) -> bytes:
     """The raw bytes of the database, its WAL and shared memory file, freed pages and all."""
     parts = [tmp_path / name for name in ("apipool.db", "apipool.db-wal", "apipool.db-shm")]
     return b"".join(p.read_bytes() for p in parts if p.exists())
+
+
+def test_throttle_memory_is_bounded_and_forgets_expired_subjects_first(monkeypatch):
+    monkeypatch.setattr(accounts_module, "MAX_THROTTLE_SUBJECTS", 100)
+    throttle = accounts_module.LoginThrottle(max_failures=3, window=60)
+    for i in range(60):
+        throttle.fail([f"user:old{i}"], now=0.0)  # outside the window by now=100
+    for i in range(40):
+        throttle.fail([f"user:live{i}"], now=100.0)
+    throttle.fail(["addr:new"], now=100.0)
+    assert len(throttle) == 41  # the 60 expired went, every live one stayed
+    assert throttle.retry_after(["user:live0"], 100.0) is None
+    for _ in range(2):
+        throttle.fail(["user:live0"], now=100.0)
+    assert throttle.retry_after(["user:live0"], 100.0) is not None  # its count survived
+    # A flood of fresh subjects (attempts answered 503 never reach a check) stays bounded.
+    for i in range(1000):
+        throttle.fail([f"user:junk{i}"], now=100.0)
+    assert len(throttle) <= 100
