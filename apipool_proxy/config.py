@@ -144,6 +144,9 @@ class Settings:
     log: LogSettings = field(default_factory=LogSettings)
 
 
+# Settings whose values may hold a password: errors about them never quote the value.
+_SECRET_SETTINGS = frozenset({("upstream", "http_proxy")})
+
 # Checks beyond the type: (section, key) -> (predicate, what a good value looks like).
 _CHECKS: dict[tuple[str, str], tuple[typing.Callable[[Any], bool], str]] = {
     ("proxy", "port"): (lambda v: 0 <= v <= 65535, "a port number 0-65535"),
@@ -232,10 +235,18 @@ def _build_section(section: str, section_type: type, values: Mapping[str, Any]) 
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"{section}.{key}: unknown setting")
-        value = _coerce(f"{section}.{key}", hints[key], value)
+        name = f"{section}.{key}"
+        hidden = (section, str(key)) in _SECRET_SETTINGS
+        try:
+            value = _coerce(name, hints[key], value)
+        except ConfigError:
+            if hidden:
+                raise ConfigError(f"{name}: expected a string (the value is not shown)") from None
+            raise
         check = _CHECKS.get((section, str(key)))
         if check and not check[0](value):
-            raise ConfigError(f"{section}.{key}: must be {check[1]}, got {value!r}")
+            shown = "a value not shown, as it may hold a password" if hidden else repr(value)
+            raise ConfigError(f"{name}: must be {check[1]}, got {shown}")
         kwargs[key] = value
     return section_type(**kwargs)
 

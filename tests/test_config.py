@@ -70,6 +70,13 @@ def test_bad_values_name_the_setting(raw, message):
         settings_from_dict(raw)
 
 
+@pytest.mark.parametrize("value", ["https://user:s3cret-pw@proxy:3128", ["http://u:s3cret-pw@p"]])
+def test_errors_about_the_proxy_url_do_not_quote_its_password(value):
+    with pytest.raises(ConfigError, match="upstream.http_proxy") as error:
+        settings_from_dict({"upstream": {"http_proxy": value}})
+    assert "s3cret" not in str(error.value)
+
+
 def test_readme_leads_with_the_two_commands():
     readme = (ROOT / "README.md").read_text()
     head = readme[: readme.index("## Contents")]
