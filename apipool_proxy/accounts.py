@@ -65,8 +65,9 @@ class Principal:
 MAX_THROTTLE_SUBJECTS = 100_000
 
 
-class LoginThrottle:
-    """Counts failed logins per account and per client address in a sliding window."""
+class AttemptThrottle:
+    """Counts attempts per subject (an account, a client address) in a sliding window:
+    failed logins, and sign-ups."""
 
     def __init__(self, max_failures: int, window: float) -> None:
         self.max_failures = max_failures
@@ -137,7 +138,7 @@ MAX_API_TOKENS = 100
 
 
 def _refuse_if_throttled(
-    throttle: LoginThrottle, subjects: list[str], now: float, message: str, code: str
+    throttle: AttemptThrottle, subjects: list[str], now: float, message: str, code: str
 ) -> None:
     wait = throttle.retry_after(subjects, now)
     if wait is not None:
@@ -156,8 +157,8 @@ class Accounts:
         self.users: dict[int, User] = {}
         self._tokens: dict[bytes, Token] = {}
         self._touched: dict[int, float] = {}
-        self.throttle = LoginThrottle(settings.login_max_failures, settings.login_window_seconds)
-        self.registrations = LoginThrottle(
+        self.throttle = AttemptThrottle(settings.login_max_failures, settings.login_window_seconds)
+        self.registrations = AttemptThrottle(
             settings.registrations_per_address, settings.login_window_seconds
         )
         self._password_workers = asyncio.Semaphore(PASSWORD_WORKERS)

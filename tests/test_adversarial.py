@@ -1186,7 +1186,7 @@ def _database_bytes(tmp_path: Path) -> bytes:
 
 def test_throttle_memory_is_bounded_and_forgets_expired_subjects_first(monkeypatch):
     monkeypatch.setattr(accounts_module, "MAX_THROTTLE_SUBJECTS", 100)
-    throttle = accounts_module.LoginThrottle(max_failures=3, window=60)
+    throttle = accounts_module.AttemptThrottle(max_failures=3, window=60)
     for i in range(60):
         throttle.fail([f"user:old{i}"], now=0.0)  # outside the window by now=100
     for i in range(40):
