@@ -69,3 +69,21 @@ def test_tried_keys_are_not_chosen_again():
     tried = {1, 2, 3, 4, 5}
     now = time.time()
     assert {pool.choose(MODEL, 2, tried, now).id for _ in range(100)} == {6}
+
+
+def test_a_refused_model_is_not_offered_until_the_refusal_runs_out():
+    pool = _pool(2)
+    key = pool.get(1)
+    assert key is not None
+    now = time.time()
+    pool.refuse_model(key, MODEL, until=now + 60)
+    assert {pool.choose(MODEL, 2, set(), now).id for _ in range(200)} == {2}
+    assert [k.id for k in pool.candidates(MODEL, 2)] == [2]
+    assert [k.id for k in pool.candidates("other", 2)] == []  # only listed models, as before
+    later = now + 61
+    assert {pool.choose(MODEL, 2, set(), later).id for _ in range(200)} == {1, 2}
+    assert key.refused_models == {}
+    # A new model list gives every model a new try at once.
+    pool.refuse_model(key, MODEL, until=now + 60)
+    pool.set_models(key, frozenset({MODEL}), discovered=False)
+    assert [k.id for k in pool.candidates(MODEL, 2)] == [1, 2]

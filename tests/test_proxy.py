@@ -613,3 +613,47 @@ async def test_malformed_http_gets_the_envelope_without_an_echo(server, raw: byt
     assert (error["code"], error["type"]) == ("bad_http", "invalid_request_error")
     for echo in (b"sss", b"secret", b"SECRETMETHOD", b"chunked"):
         assert echo not in body
+
+
+async def test_a_key_without_access_to_a_listed_model_is_passed_over(server, http):
+    # Both keys are listed for "gpt-4o", but only the second one's account may use it.
+    async for p in make_pool(server, http, n_keys=2, models=["gpt-4o", "gpt-4o-mini"]):
+        p.up.account(p.keys[0]).models = ["gpt-4o-mini"]
+        client = p.client()
+
+        async def chat(model: str, client: openai.AsyncOpenAI = client) -> None:
+            reply = await client.chat.completions.create(model=model, messages=messages("hi"))
+            assert reply.choices[0].message.content == "echo: hi"  # through another key
+
+        for _ in range(50):  # the pool picks among equals at random: until it tried key 0
+            if p.served_by(p.keys[0]):
+                break
+            await chat("gpt-4o")
+        assert p.served_by(p.keys[0]) == 1  # turned it down
+        for _ in range(10):
+            await chat("gpt-4o")
+        assert p.served_by(p.keys[0]) == 1  # and was not offered that model again
+        for _ in range(50):  # but still is for the models its account has
+            if p.served_by(p.keys[0]) == 2:
+                break
+            await chat("gpt-4o-mini")
+        assert p.served_by(p.keys[0]) == 2
+
+
+async def test_a_model_no_key_may_use_is_the_upstreams_404(server, http):
+    async for p in make_pool(server, http, n_keys=2, models=["gpt-4o", "gpt-4o-mini"]):
+        for key in p.keys:
+            p.up.account(key).models = ["gpt-4o-mini"]
+        client = p.client()
+        with pytest.raises(openai.NotFoundError) as first:
+            await client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert "do not have access" in first.value.message  # the upstream's own words
+        assert p.served_by(p.keys[0]) == p.served_by(p.keys[1]) == 1  # both were asked
+        with pytest.raises(openai.NotFoundError) as again:
+            await client.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert again.value.code == "model_not_found"
+        assert p.served_by(p.keys[0]) == p.served_by(p.keys[1]) == 1  # neither asked again

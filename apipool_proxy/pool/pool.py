@@ -68,6 +68,8 @@ class KeyPool:
         self._turn = 0
         # Keys whose persisted state (status, cooldown, last error...) changed.
         self.dirty: set[int] = set()
+        # When the first model refusal (see refuse_model) runs out.
+        self._refusals_until = math.inf
 
     # -- membership ---------------------------------------------------------------------
 
@@ -106,7 +108,25 @@ class KeyPool:
             key.discovered_models = models
         else:
             key.models = models
+        key.refused_models.clear()  # a new list: each model deserves a new try
         self._index(key)
+
+    def refuse_model(self, key: PooledKey, model: str, until: float) -> None:
+        """The key's upstream said it has no access to ``model``: do not offer the key for
+        it until ``until``, even though its list names it."""
+        key.refused_models[model] = until
+        self._refusals_until = min(self._refusals_until, until)
+        self.changed()
+
+    def _expire_refusals(self, now: float) -> None:
+        earliest = math.inf
+        for key in self._keys.values():
+            refused = key.refused_models
+            for model in [m for m, until in refused.items() if until <= now]:
+                del refused[model]
+            earliest = min(earliest, *refused.values(), math.inf)
+        self._refusals_until = earliest
+        self.changed()
 
     def changed(self) -> None:
         """Forget cached choices: call after a key's models or who may use it changed."""
@@ -145,7 +165,8 @@ class KeyPool:
                 ids: Iterable[int] = self._keys.keys()
             else:
                 ids = self._by_model.get(model, set()) | self._open
-            found = tuple(self._keys[i] for i in sorted(ids))
+            keys = (self._keys[i] for i in sorted(ids))
+            found = tuple(k for k in keys if model is None or model not in k.refused_models)
             if len(self._serving_cache) >= 4096:
                 self._serving_cache.clear()  # bounded: callers choose the model names
             self._serving_cache[model] = found
@@ -178,6 +199,8 @@ class KeyPool:
         the user's own ready keys win over everyone else's; with ``least_busy`` fewer
         requests in flight win next; the strategy decides among the keys left equal.
         """
+        if now >= self._refusals_until:
+            self._expire_refusals(now)
         least_busy = self.strategy == "least_busy"
         offered = self._offered(model, user_id)
         if least_busy and len(offered) > _SAMPLE_ABOVE and offered[0][0] == offered[-1][0]:

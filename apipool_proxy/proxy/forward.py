@@ -35,6 +35,8 @@ from .sse import JsonTap, UsageTap, usage_from
 BUFFER_LIMIT = 4 * 1024 * 1024
 ERROR_BODY_LIMIT = 1024 * 1024
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# How long a key whose account said "no access to this model" is not offered that model.
+MODEL_REFUSAL_SECONDS = 3600.0
 UPSTREAM_FAILURES = (UpstreamError, asyncio.TimeoutError, OSError)
 
 
@@ -44,6 +46,8 @@ class Failure:
 
     reason: str
     verdict: Verdict
+    # The upstream's own answer, for the caller if no other key does better.
+    relay: web.Response | None = None
 
 
 # An attempt that must be sent again to the same key (without the injected stream_options).
@@ -148,6 +152,7 @@ async def _forward(
     tried: set[int] = set()
     failures: list[str] = []
     verdicts: list[Verdict] = []
+    relays: list[web.Response | None] = []
     for attempt in range(attempts):
         try:
             key = pinned or pool.choose(exchange.model, user_id, tried, time.time())
@@ -168,6 +173,11 @@ async def _forward(
             return response
         failures.append(response.reason)
         verdicts.append(response.verdict)
+        relays.append(response.relay)
+    answers = [relay for relay in relays if relay is not None]
+    if answers and len(answers) == len(relays):
+        # Every key tried said it cannot use the model: that is the caller's answer.
+        return answers[-1]
     raise _all_failed(exchange, failures, verdicts, pool, tried)
 
 
@@ -263,7 +273,14 @@ async def _refused(
     secret = key.secret.encode()
     if secret in error:
         error = error.replace(secret, REDACTED.encode())
-    return web.Response(status=status, body=error, headers=headers)
+    response = web.Response(status=status, body=error, headers=headers)
+    if status == 404 and exchange.model and b'"model_not_found"' in error:
+        # This key's account has no access to the model, though its list names it; another
+        # key's account may. The key is not offered the model for a while.
+        services.pool.refuse_model(key, exchange.model, time.time() + MODEL_REFUSAL_SECONDS)
+        upstream_log.info("key %d cannot use model %s; trying another key", key.id, exchange.model)
+        return Failure(f"key {key.id} has no access to the model", verdict, response)
+    return response
 
 
 def _payload_for(key: PooledKey, exchange: Exchange, body: RequestBody) -> tuple[bytes, bool]:
