@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from .fake_upstream import FakeUpstream
-from .scenario import MODEL, bare_upstream, scenario, secret
+from .scenario import MODEL, bare_upstream, chat_completion, scenario, secret
 from .support import Member
 
 
@@ -657,3 +657,40 @@ async def test_a_model_no_key_may_use_is_the_upstreams_404(server, http):
             )
         assert again.value.code == "model_not_found"
         assert p.served_by(p.keys[0]) == p.served_by(p.keys[1]) == 1  # neither asked again
+
+
+async def test_a_project_barred_from_a_model_is_passed_over_not_invalidated(start_server, http):
+    barred = secret("barred")
+    asked: list[str] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        key = request.headers["Authorization"].removeprefix("Bearer ")
+        asked.append(key)
+        if key == barred:  # what OpenAI answers for a project without access to a model
+            error = {
+                "message": "Project `proj_x` does not have access to model `gpt-4o`",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "model_not_found",
+            }
+            return web.json_response({"error": error}, status=403)
+        return web.json_response(chat_completion("fine", 1, 1))
+
+    async with bare_upstream(chat) as base_url, scenario(start_server, http) as s:
+        alice = await s.member("alice")
+        barred_id = (await alice.add_key(barred, base_url, models=["gpt-4o"]))["id"]
+        await alice.add_key(secret("allowed"), base_url, models=["gpt-4o"])
+        client = openai.AsyncOpenAI(base_url=s.server.proxy_url, api_key=alice.token)
+        for _ in range(30):
+            reply = await client.chat.completions.create(model="gpt-4o", messages=messages())
+            assert reply.choices[0].message.content == "fine"
+            if barred in asked:
+                break
+        for _ in range(5):
+            await client.chat.completions.create(model="gpt-4o", messages=messages())
+        await client.close()
+        assert asked.count(barred) == 1  # asked once, then passed over
+        [key] = [
+            k for k in (await alice.call("GET", "/api/keys"))[1]["keys"] if k["id"] == barred_id
+        ]
+        assert key["status"] == "active"  # the key works; only that model is barred

@@ -261,7 +261,14 @@ async def _refused(
         key.no_stream_options = True
         services.pool.dirty.add(key.id)
         return RESEND
-    verdict = classify_response(status, upstream.headers, error)
+    # 404, or 403 from a project barred from the model (OpenAI), with model_not_found: this
+    # key's account cannot use the model. Not the caller's mistake, not a broken key.
+    refused = status in (403, 404) and bool(exchange.model) and b'"model_not_found"' in error
+    verdict = (
+        Verdict(Outcome.CALLER_ERROR)
+        if refused
+        else classify_response(status, upstream.headers, error)
+    )
     services.pool.record(key, verdict, _error_text(status, error), now or time.time())
     if verdict.outcome in RETRYABLE:
         upstream_log.info("key %d: upstream answered %d; trying another key", key.id, status)
@@ -274,9 +281,9 @@ async def _refused(
     if secret in error:
         error = error.replace(secret, REDACTED.encode())
     response = web.Response(status=status, body=error, headers=headers)
-    if status == 404 and exchange.model and b'"model_not_found"' in error:
-        # This key's account has no access to the model, though its list names it; another
-        # key's account may. The key is not offered the model for a while.
+    if refused and exchange.model:
+        # Another key's account may have access: try it, and do not offer this key the model
+        # for a while.
         services.pool.refuse_model(key, exchange.model, time.time() + MODEL_REFUSAL_SECONDS)
         upstream_log.info("key %d cannot use model %s; trying another key", key.id, exchange.model)
         return Failure(f"key {key.id} has no access to the model", verdict, response)
