@@ -48,6 +48,16 @@ from apipool_proxy.upstream import (
 NO_HEADERS = header_block([])
 
 
+async def stop_server(server: asyncio.Server | None, tasks: set[asyncio.Task[Any]]) -> None:
+    """Stop listening, end the connections still being served, wait for both."""
+    assert server is not None
+    server.close()
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await server.wait_closed()
+
+
 # --- Servers ---------------------------------------------------------------------------------
 
 
@@ -152,12 +162,7 @@ class RawServer:
             self._tasks.discard(task)
 
     async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
+        await stop_server(self._server, self._tasks)
 
 
 ServeFactory = Callable[..., Awaitable[RawServer]]
@@ -1525,11 +1530,7 @@ class TunnelProxy:
         return f"http://{userinfo}127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_server(self._server, self._tasks)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
