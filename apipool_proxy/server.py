@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import os
 import signal
 import sys
@@ -260,6 +261,13 @@ async def serve(
             settings.admin.port,
         )
         services.keys.forbidden_ports.update({proxy_port, admin_port})
+        if settings.auth.open_registration and not _is_loopback(settings.admin.host):
+            server_log.warning(
+                "the admin port listens on %s with open registration: anyone who reaches it"
+                " can join the pool and use its shared keys (auth.open_registration: false"
+                " closes it)",
+                settings.admin.host,
+            )
         running = RunningServer(services, proxy_port, admin_port)
         services.proxy_url = settings.proxy.public_url or running.proxy_url
         services.tasks.spawn("write-behind", services.writer.run())
@@ -276,6 +284,15 @@ async def serve(
         for runner in runners:
             await runner.cleanup()
         await close_services(services)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: whatever it resolves to, assume others can reach it
 
 
 async def _start(

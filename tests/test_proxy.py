@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import AsyncIterator
@@ -575,10 +576,13 @@ async def test_refused_upload_gets_no_100_continue(pool: Pool, token, expect, st
     assert b'"error"' in error
 
 
-async def test_health_check_and_paths_outside_v1(server, http):
+async def test_health_check_and_paths_outside_v1(server, http, caplog):
+    caplog.set_level(logging.INFO, logger="apipool_proxy.access")
     base = server.proxy_url.removesuffix("/v1")
     async with http.get(base + "/healthz") as response:  # no token: for load balancers
         assert (response.status, await response.json()) == (200, {"status": "ok"})
+    server.services.answered.drain(server.services)
+    assert "/healthz" not in caplog.text  # passing checks are not access-logged
     async with http.head(base + "/healthz") as response:
         assert response.status == 200
     for method, path in [("POST", "/healthz"), ("GET", "/"), ("GET", "/v2/models")]:

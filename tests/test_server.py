@@ -237,3 +237,19 @@ async def test_a_proxy_in_the_environment_is_not_used_silently(tmp_path, caplog,
         pass
     warned = "set upstream.http_proxy" in caplog.text
     assert warned == (configured is None)
+
+
+@pytest.mark.parametrize(
+    ("host", "open_registration", "warned"),
+    [("0.0.0.0", True, True), ("0.0.0.0", False, False), ("127.0.0.1", True, False)],
+)
+async def test_an_admin_port_open_to_the_network_with_open_registration_is_named(
+    tmp_path, caplog, host, open_registration, warned
+):
+    settings = make_settings(
+        tmp_path, admin={"host": host}, auth={"open_registration": open_registration}
+    )
+    caplog.set_level(logging.WARNING, logger="apipool_proxy")
+    async with serve(settings, environ={}):
+        pass
+    assert ("with open registration" in caplog.text) == warned
