@@ -42,7 +42,7 @@ class PooledKey:
     max_concurrent: int | None = None
     rpm: int | None = None
     no_stream_options: bool = False
-    # Models this key's account turned down (404 model_not_found) -> until when the key is
+    # Models this key's account turned down (model_not_found) -> until when the key is
     # not offered them: a key listed for a model it cannot use is not tried over and over.
     refused_models: dict[str, float] = field(default_factory=dict)
     created_at: float = 0.0

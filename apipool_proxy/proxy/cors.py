@@ -45,9 +45,7 @@ class CorsPolicy:
         """Remember, for the answer, the headers a request from ``origin`` gets."""
         if not self.allows(origin):
             return  # no header at all: the browser keeps the answer from the page
-        headers = {"Access-Control-Allow-Origin": "*" if self._any else origin}
-        if not self._any:
-            headers["Vary"] = "Origin"  # the answer differs by origin: caches must know
+        headers = self._allow(origin)
         headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
         request[CORS_HEADERS] = headers
 
@@ -59,11 +57,9 @@ class CorsPolicy:
                 "This origin may not call the proxy from a browser (see proxy.cors_origins).",
                 code="origin_not_allowed",
             )
-        headers = {
-            "Access-Control-Allow-Origin": "*" if self._any else origin,
-            "Access-Control-Allow-Methods": ALLOW_METHODS,
-            "Access-Control-Max-Age": PREFLIGHT_MAX_AGE,
-        }
+        headers = self._allow(origin)
+        headers["Access-Control-Allow-Methods"] = ALLOW_METHODS
+        headers["Access-Control-Max-Age"] = PREFLIGHT_MAX_AGE
         asked = request.headers.get("Access-Control-Request-Headers", "").strip()
         if asked:
             if not _HEADER_LIST.match(asked):
@@ -73,9 +69,13 @@ class CorsPolicy:
             # Any header may cross (the upstream decides what it accepts), so the answer
             # names what was asked for; a wildcard would not cover Authorization.
             headers["Access-Control-Allow-Headers"] = asked
-        if not self._any:
-            headers["Vary"] = "Origin"
         return web.Response(status=204, headers=headers)
+
+    def _allow(self, origin: str) -> dict[str, str]:
+        if self._any:
+            return {"Access-Control-Allow-Origin": "*"}
+        # The answer differs by origin: caches must know.
+        return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
 
 
 def is_preflight(request: web.BaseRequest) -> bool:
