@@ -161,7 +161,7 @@ class UpstreamKeys:
         host, so one member must not be able to add them without end.
         """
         limit = self.settings.pool.max_keys_per_member
-        if user.is_admin or sum(1 for k in self.pool if k.owner_id == user.id) < limit:
+        if user.is_admin or len(self.pool.owned_by(user.id)) < limit:
             return
         raise ApiError(
             403,
