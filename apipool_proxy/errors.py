@@ -133,6 +133,22 @@ class EnvelopeServer(web.Server):
         return EnvelopeRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
+class EnvelopeAppRunner(web.AppRunner):
+    """aiohttp's runner for an application, serving it with ``EnvelopeServer``."""
+
+    async def _make_server(self) -> web.Server:
+        # The application's own server, rebuilt with the same settings as an
+        # EnvelopeServer: aiohttp offers no other way to choose a runner's handler class.
+        server = await super()._make_server()
+        return EnvelopeServer(
+            server.request_handler,
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            loop=server._loop,
+            **server._kwargs,
+        )
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 

@@ -27,6 +27,7 @@ from .accounts import Accounts
 from .admin import build_admin_app
 from .config import ConfigError, Settings, load_settings
 from .crypto import MasterKeyError, load_master_key
+from .errors import EnvelopeAppRunner
 from .limits import Limiter, today_start
 from .log import BufferedLineHandler, server_log, setup_logging
 from .metrics import Metrics
@@ -251,7 +252,7 @@ async def serve(
         )
         admin_port = await _start(
             runners,
-            web.AppRunner(
+            EnvelopeAppRunner(
                 build_admin_app(services),
                 access_log=None,
                 shutdown_timeout=grace,

@@ -602,9 +602,10 @@ async def test_health_check_and_paths_outside_v1(server, http, caplog):
     ],
     ids=["header-too-long", "length-and-chunked", "bad-header", "bad-method"],
 )
-async def test_malformed_http_gets_the_envelope_without_an_echo(server, raw: bytes):
-    proxy = urlsplit(server.proxy_url)
-    reader, writer = await asyncio.open_connection(proxy.hostname, proxy.port)
+@pytest.mark.parametrize("port", ["proxy", "admin"])
+async def test_malformed_http_gets_the_envelope_without_an_echo(server, raw: bytes, port: str):
+    url = urlsplit(server.proxy_url if port == "proxy" else server.admin_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
     try:
         writer.write(raw)
         answer = await asyncio.wait_for(reader.read(), 5)  # and the connection is closed
