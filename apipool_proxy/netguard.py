@@ -292,6 +292,13 @@ def _check_characters(url: object) -> None:
         raise UnsafeUpstreamError("base URL must not have a query string")
 
 
+# Appended to refusals that only the operator's setting lifts, so whoever meets one (a
+# member adding a local model server, say) knows what to ask for.
+_PRIVATE_NETWORKS_OFF = (
+    " (this server takes only public https upstreams: upstream.allow_private_networks)"
+)
+
+
 def _check_scheme(scheme: str, allow_private_networks: bool) -> str:
     # The scheme is not echoed: in "user:secret@host" urllib takes "user" for the scheme.
     if scheme == "https":
@@ -299,7 +306,7 @@ def _check_scheme(scheme: str, allow_private_networks: bool) -> str:
     if scheme == "http":
         if allow_private_networks:
             return scheme
-        raise UnsafeUpstreamError("plain http is only allowed for private networks; use https")
+        raise UnsafeUpstreamError("plain http is refused" + _PRIVATE_NETWORKS_OFF)
     allowed = "https or http" if allow_private_networks else "https"
     raise UnsafeUpstreamError(f"base URL must start with {allowed}://")
 
@@ -403,7 +410,7 @@ def _check_destination(host: str, ip: IPAddress | None, allow_private_networks: 
         if _unwrap(ip) in _METADATA_ADDRESSES:
             raise UnsafeUpstreamError(f"{ip} is a cloud metadata address")
         if not allow_private_networks and not is_public_address(ip):
-            raise UnsafeUpstreamError(f"{ip} is not a public address")
+            raise UnsafeUpstreamError(f"{ip} is not a public address" + _PRIVATE_NETWORKS_OFF)
         return
 
     if host in _METADATA_NAMES:
@@ -411,10 +418,12 @@ def _check_destination(host: str, ip: IPAddress | None, allow_private_networks: 
     if allow_private_networks:
         return
     if host == "localhost" or host.endswith(_INTERNAL_SUFFIXES):
-        raise UnsafeUpstreamError(f"{host} is a local or internal name")
+        raise UnsafeUpstreamError(f"{host} is a local or internal name" + _PRIVATE_NETWORKS_OFF)
     # A single label is completed by the resolver's search domains, i.e. the local network.
     if "." not in host:
-        raise UnsafeUpstreamError(f"{host} is not a fully qualified domain name")
+        raise UnsafeUpstreamError(
+            f"{host} is not a fully qualified domain name" + _PRIVATE_NETWORKS_OFF
+        )
 
 
 def _normalize_path(path: str) -> str:
@@ -453,8 +462,9 @@ async def check_upstream_host(
         reason = policy.refusal(ip, upstream.port)
         if reason is not None:
             where = "" if upstream.ip else f" (resolves to {ip})"
+            hint = _PRIVATE_NETWORKS_OFF if reason == "not a public address" else ""
             raise UnsafeUpstreamError(
-                f"refused {upstream.host} port {upstream.port}{where}: {reason}"
+                f"refused {upstream.host} port {upstream.port}{where}: {reason}{hint}"
             )
 
 

@@ -428,6 +428,29 @@ async def test_internal_or_malformed_base_url_is_400_naming_base_url(start_serve
         assert (await alice.call("GET", "/api/keys"))[1] == {"keys": []}
 
 
+@pytest.mark.parametrize(
+    ("base_url", "hinted"),
+    [
+        ("http://api.example.com/v1", True),
+        ("https://127.0.0.1:8000/v1", True),
+        ("https://localhost/v1", True),
+        ("https://vllm/v1", True),
+        ("https://169.254.169.254/v1", False),  # refused whatever the setting
+    ],
+)
+async def test_a_refusal_the_operator_can_lift_names_the_setting(
+    start_server, http, base_url, hinted
+):
+    # A member adding a local model server learns what to ask the operator for.
+    async with start_server(upstream={"allow_private_networks": False}) as server:
+        alice = await Member(http, server.admin_url, "alice").join()
+        status, data = await alice.call(
+            "POST", "/api/keys", {"key": "sk-" + "a" * 30, "base_url": base_url}
+        )
+        error = expect_error(400, status, data)
+        assert ("upstream.allow_private_networks" in error["message"]) is hinted
+
+
 async def test_metadata_address_is_refused_even_with_private_networks_allowed(server, member):
     alice = await member("alice")
     for base_url in ("http://169.254.169.254/latest", "http://[fd00:ec2::254]/"):
