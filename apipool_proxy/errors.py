@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
+from . import SERVER_NAME
 from .log import redact, server_log
 
 # The ``type`` OpenAI uses for each status; the SDKs pick exception classes by status.
@@ -122,6 +123,7 @@ class EnvelopeRequestHandler(web.RequestHandler):
             response = error_response(status, "The request is not valid HTTP.", code="bad_http")
         else:
             response = error_response(status, "The server had an error processing your request.")
+        response.headers["Server"] = SERVER_NAME
         response.force_close()
         return response
 

@@ -430,6 +430,30 @@ async def test_websocket_is_relayed_both_ways(pool: Pool, http):
     assert rows["gpt-4o-realtime-preview"]["requests"] == 1
 
 
+async def test_every_answer_names_the_server_without_versions(pool: Pool, http):
+    # Python's and aiohttp's versions would tell a scanner which known flaws to try.
+    v1 = pool.server.proxy_url
+    base = v1.removesuffix("/v1")
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    answers = [
+        ("GET", v1 + "/models", pool.alice.auth, None),  # answered by the proxy
+        ("POST", v1 + "/chat/completions", pool.alice.auth, chat),  # relayed
+        ("POST", v1 + "/chat/completions", pool.alice.auth, chat | {"stream": True}),
+        ("GET", v1 + "/models", {"Authorization": "Bearer ap-wrong"}, None),  # refused
+        ("GET", base + "/healthz", {}, None),
+        ("GET", pool.server.admin_url + "/api/me", pool.alice.auth, None),
+        ("GET", pool.server.admin_url + "/nowhere", {}, None),
+    ]
+    for method, url, headers, body in answers:
+        async with http.request(method, url, headers=headers, json=body) as response:
+            await response.read()
+            assert response.headers.getall("Server") == ["apipool-proxy"], (method, url)
+    url = v1.replace("http", "ws") + "/realtime?model=gpt-4o-realtime-preview"
+    async with http.ws_connect(url, headers=pool.alice.auth) as ws:
+        assert ws._response.headers.getall("Server") == ["apipool-proxy"]
+        assert ws._response.headers["x-request-id"].startswith("req_")
+
+
 async def test_websocket_sessions_count_against_concurrency_limits(start_server, http):
     async with start_server(limits={"max_concurrent": 1}) as server:
         async for p in make_pool(server, http, models=["gpt-4o-realtime-preview"]):
@@ -618,6 +642,7 @@ async def test_malformed_http_gets_the_envelope_without_an_echo(server, raw: byt
     assert (error["code"], error["type"]) == ("bad_http", "invalid_request_error")
     for echo in (b"sss", b"secret", b"SECRETMETHOD", b"chunked"):
         assert echo not in body
+    assert b"\r\nServer: apipool-proxy\r\n" in head
 
 
 async def test_a_key_without_access_to_a_listed_model_is_passed_over(server, http):

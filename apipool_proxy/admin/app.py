@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .. import SERVER_NAME
 from ..errors import ApiError, Handler, error_middleware
 from ..state import SERVICES, Services
 from . import views
@@ -35,6 +36,7 @@ def build_admin_app(services: Services) -> web.Application:
         middlewares=[error_middleware, refuse_web_pages], client_max_size=ADMIN_BODY_LIMIT
     )
     app[SERVICES] = services
+    app.on_response_prepare.append(_name_the_server)
     add = app.router.add_route
     add("POST", "/api/register", views.register)
     add("POST", "/api/login", views.login)
@@ -58,3 +60,7 @@ def build_admin_app(services: Services) -> web.Application:
     add("GET", "/readyz", views.readyz)
     add("GET", "/metrics", views.metrics)
     return app
+
+
+async def _name_the_server(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["Server"] = SERVER_NAME

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .. import SERVER_NAME
 from ..log import access_lines, redact_field
 from ..state import Services
 from .cors import CORS_HEADERS
@@ -33,6 +34,7 @@ def add_exchange_headers(
 ) -> None:
     """Response headers known from admission: the request id, the caller's rate limits and
     whether the page that sent the request may read the answer (CORS)."""
+    response.headers["Server"] = SERVER_NAME
     cors = request.get(CORS_HEADERS)
     if cors is not None:
         response.headers.update(cors)

@@ -20,6 +20,7 @@ from ..log import upstream_log
 from ..pool import NoKeyAvailable, Outcome
 from ..pool.health import Verdict
 from ..state import Services
+from .access import add_exchange_headers
 from .exchange import Exchange
 from .forward import upstream_tail
 from .headers import upstream_request_headers
@@ -89,6 +90,7 @@ async def relay_websocket(
                 autoping=False,
                 max_msg_size=0,
             )
+            add_exchange_headers(request, caller, exchange)
             await caller.prepare(request)
             exchange.status = 101
             await _pump_both_ways(caller, upstream)
