@@ -100,7 +100,8 @@ class UpstreamSettings:
     # How often keys without an explicit model list re-ask their upstream's /models.
     models_refresh_minutes: float = 60
     # http://[user:password@]host:port of a proxy that https upstreams are reached through
-    # (CONNECT); None connects directly. http:// upstreams (local servers) never use it.
+    # (CONNECT), WebSocket sessions included; None connects directly. http:// upstreams
+    # (local servers) never use it.
     http_proxy: str | None = None
 
 

@@ -19,7 +19,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from . import netguard
@@ -37,7 +36,7 @@ from .proxy import build_proxy_server
 from .state import Services
 from .storage import Database, StorageError
 from .tasks import BackgroundTasks
-from .upstream import ForwardProxy, UpstreamClient
+from .upstream import ForwardProxy, UpstreamClient, WebSocketDialer
 from .upstream_keys import UpstreamKeys
 from .usage import WriteBehind
 
@@ -108,6 +107,7 @@ async def _load(
     objects = ObjectRegistry()
     objects.load(await db.all_objects())
     writer = WriteBehind(db)
+    upstream = _upstream_client(settings, forbidden_ports, environ)
     services = Services(
         settings=settings,
         db=db,
@@ -118,8 +118,8 @@ async def _load(
         limiter=limiter,
         metrics=Metrics(),
         tasks=BackgroundTasks(),
-        upstream=_upstream_client(settings, forbidden_ports, environ),
-        websocket_session=_websocket_session(settings, forbidden_ports),
+        upstream=upstream,
+        websockets=_websocket_dialer(settings, forbidden_ports, upstream),
         objects=objects,
     )
     keys.upstream = services.upstream
@@ -155,35 +155,18 @@ def _proxy_in_environment(environ: Mapping[str, str]) -> bool:
     return any(environ.get(name) for name in names)
 
 
-def _websocket_session(settings: Settings, forbidden_ports: set[int]) -> aiohttp.ClientSession:
-    """The aiohttp session for WebSocket upgrades (the Realtime API).
-
-    The guarded connector re-checks every address it connects to (DNS rebinding, IP
-    literals), cookies are never kept (they would leak between callers), proxies from the
-    environment are ignored, and no total timeout cuts a long session. ``ws_connect`` has
-    no ``allow_redirects`` switch, so a client middleware refuses redirected upgrades.
-    """
-    upstream = settings.upstream
-    connector = netguard.GuardedConnector(
-        allow_private_networks=upstream.allow_private_networks,
+def _websocket_dialer(
+    settings: Settings, forbidden_ports: set[int], upstream: UpstreamClient
+) -> WebSocketDialer:
+    """How WebSocket upgrades (the Realtime API) reach upstreams; see ``upstream/``."""
+    config = settings.upstream
+    return WebSocketDialer(
+        upstream,
+        allow_private_networks=config.allow_private_networks,
         forbidden_ports=forbidden_ports,
-        limit=0,
-        ttl_dns_cache=10,
-        enable_cleanup_closed=False,
-    )
-    timeout = aiohttp.ClientTimeout(
-        total=None,
-        connect=None,
-        sock_connect=upstream.connect_timeout,
-        sock_read=upstream.read_timeout,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-        skip_auto_headers=("User-Agent",),
-        middlewares=(netguard.refuse_redirected_upgrades,),
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        proxy=ForwardProxy.from_url(config.http_proxy) if config.http_proxy else None,
     )
 
 
@@ -220,7 +203,7 @@ async def close_services(services: Services) -> None:
         await services.writer.flush()
     except Exception:
         server_log.exception("final write of usage failed")
-    await services.websocket_session.close()
+    await services.websockets.close()
     await services.upstream.close()
     await services.db.close()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
 from .accounts import Accounts
@@ -16,7 +15,7 @@ from .objects import ObjectRegistry
 from .pool import KeyPool
 from .storage import Database
 from .tasks import BackgroundTasks
-from .upstream import UpstreamClient
+from .upstream import UpstreamClient, WebSocketDialer
 from .upstream_keys import UpstreamKeys
 from .usage import WriteBehind
 
@@ -42,7 +41,7 @@ class Services:
     metrics: Metrics
     tasks: BackgroundTasks
     upstream: UpstreamClient
-    websocket_session: aiohttp.ClientSession
+    websockets: WebSocketDialer
     # Which key and member hold each object created through the pool (files, batches...).
     objects: ObjectRegistry = field(default_factory=ObjectRegistry)
     # Proxied requests answered but not yet counted and logged (written behind).

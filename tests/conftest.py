@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from apipool_proxy.server import RunningServer, serve
 
+from .loopback import TunnelProxy, write_self_signed
 from .support import Member, make_settings
 
 
@@ -43,3 +45,30 @@ def member(http: aiohttp.ClientSession, server: RunningServer) -> Callable[[str]
         return await Member(http, server.admin_url, username).join()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, and its key."""
+    return write_self_signed(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def tls_server_context(tls_files: tuple[Path, Path]) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*tls_files)
+    return context
+
+
+@pytest.fixture
+async def tunnel_proxy() -> AsyncIterator[Callable[..., Any]]:
+    """``await tunnel_proxy(credentials=...)`` starts a CONNECT-only forward proxy."""
+    proxies: list[TunnelProxy] = []
+
+    async def start(**fields: Any) -> TunnelProxy:
+        proxies.append(await TunnelProxy(**fields).start())
+        return proxies[-1]
+
+    yield start
+    for proxy in proxies:
+        await proxy.stop()

@@ -30,6 +30,7 @@ import json
 import random
 import secrets
 import socket
+import ssl
 import string
 import struct
 import time
@@ -641,7 +642,8 @@ class FakeUpstream:
     WebSocket after N frames). Counters: ``inflight``, ``disconnects``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context  # serve https (as "localhost") with this
         self.requests: list[Recorded] = []
         self.accounts: dict[str, Account] = {}
         self.stream_chunks = 5
@@ -670,7 +672,7 @@ class FakeUpstream:
             app, handler_cancellation=True, access_log=None, shutdown_timeout=0.5
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        await web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context).start()
         self.port = self._runner.addresses[0][1]
         return self
 
@@ -692,6 +694,8 @@ class FakeUpstream:
 
     @property
     def base_url(self) -> str:
+        if self.ssl_context is not None:
+            return f"https://localhost:{self.port}/v1"
         return f"http://127.0.0.1:{self.port}/v1"
 
     # -- scripting -----------------------------------------------------------------------------

@@ -16,6 +16,10 @@ import aiohttp
 import openai
 import pytest
 from aiohttp import web
+from yarl import URL
+
+from apipool_proxy.netguard import AddressPolicy
+from apipool_proxy.upstream import ForwardProxy, UpstreamClient, WebSocketDialer
 
 from .fake_upstream import FakeUpstream
 from .scenario import MODEL, bare_upstream, chat_completion, scenario, secret
@@ -428,6 +432,56 @@ async def test_websocket_is_relayed_both_ways(pool: Pool, http):
     assert status == 200
     rows = {row["group"]: row for row in usage["rows"]}
     assert rows["gpt-4o-realtime-preview"]["requests"] == 1
+
+
+async def test_https_and_wss_upstreams_go_through_the_forward_proxy(
+    start_server, http, monkeypatch, tls_files, tls_server_context, tunnel_proxy
+):
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_files[0]))  # the server trusts the test CA
+    proxy = await tunnel_proxy(credentials="Basic dTpw")  # u:p
+    settings = {"http_proxy": proxy.url("u:p@")}
+    async with start_server(upstream=settings) as server, FakeUpstream(tls_server_context) as up:
+        alice = await Member(http, server.admin_url, "alice").join()
+        key = "sk-tunnelled-" + "x" * 20
+        await alice.add_key(key, up.base_url, models=[MODEL, "gpt-4o-realtime-preview"])
+        async with openai.AsyncOpenAI(
+            base_url=server.proxy_url, api_key=alice.token, max_retries=0
+        ) as client:
+            reply = await client.chat.completions.create(model=MODEL, messages=messages("hi"))
+        assert reply.choices[0].message.content == "echo: hi"
+        url = server.proxy_url.replace("http", "ws") + "/realtime?model=gpt-4o-realtime-preview"
+        async with http.ws_connect(url, headers=alice.auth) as ws:
+            await ws.send_str('{"type": "session.update"}')
+            assert (await ws.receive_json(timeout=5))["type"] == "echo"
+    assert [r.path for r in up.requests] == ["/v1/chat/completions", "/v1/realtime"]
+    assert all(r.key == key for r in up.requests)
+    # One tunnel for the plain request, one for the WebSocket, both to the upstream's name.
+    assert [head.split(b"\r\n")[0] for head in proxy.heads] == [
+        b"CONNECT localhost:%d HTTP/1.1" % up.port
+    ] * 2
+
+
+async def test_the_guard_judges_a_wss_host_before_asking_the_proxy(tunnel_proxy, tls_files):
+    proxy = await tunnel_proxy()
+    upstream = UpstreamClient(AddressPolicy(False, frozenset()), connect_timeout=2, read_timeout=5)
+    dialer = WebSocketDialer(
+        upstream,
+        allow_private_networks=False,
+        forbidden_ports=frozenset(),
+        connect_timeout=2,
+        read_timeout=5,
+        proxy=ForwardProxy.from_url(proxy.url()),
+    )
+    try:
+        for url in ("https://localhost:9/v1/realtime", "wss://127.0.0.1:9/v1/realtime"):
+            with pytest.raises(aiohttp.ClientConnectionError, match="guard"):
+                await dialer.connect(URL(url))
+        with pytest.raises(aiohttp.ClientConnectionError):  # ws:// is dialled directly
+            await dialer.connect(URL("ws://127.0.0.1:9/v1/realtime"))
+    finally:
+        await dialer.close()
+        await upstream.close()
+    assert proxy.heads == []  # the proxy was never asked for a tunnel
 
 
 async def test_every_answer_names_the_server_without_versions(pool: Pool, http):

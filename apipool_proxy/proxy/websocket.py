@@ -64,7 +64,7 @@ async def relay_websocket(
     key.begin()
     try:
         try:
-            upstream = await services.websocket_session.ws_connect(
+            upstream = await services.websockets.connect(
                 url, headers=headers, protocols=protocols, autoping=False, max_msg_size=0
             )
         except aiohttp.WSServerHandshakeError as exc:

@@ -9,6 +9,7 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from .websockets import WebSocketDialer
 
 __all__ = (
     "ForwardProxy",
@@ -19,5 +20,6 @@ __all__ = (
     "UpstreamProtocolError",
     "UpstreamResponse",
     "UpstreamTimeout",
+    "WebSocketDialer",
     "header_block",
 )

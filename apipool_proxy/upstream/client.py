@@ -17,7 +17,7 @@ per-read timers). This client does only what a reverse proxy needs:
 - an optional forward proxy for https upstreams (CONNECT tunnels), set in the
   configuration only: no cookies, no redirects followed, no proxies from the environment.
 
-WebSocket upgrades (the Realtime API) use aiohttp's client instead; see ``server.py``.
+WebSocket upgrades (the Realtime API) use aiohttp's client instead; see ``websockets.py``.
 """
 
 from __future__ import annotations
@@ -121,6 +121,11 @@ class UpstreamClient:
         self._closed = False
         self._running_loop: asyncio.AbstractEventLoop | None = None
         self._silence: SilenceWatch | None = None
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        """How upstream TLS is verified; WebSocket sessions use it too."""
+        return self._ssl
 
     async def request(
         self,
@@ -297,7 +302,7 @@ class UpstreamClient:
 
     async def _dial_through(self, proxy: ForwardProxy, origin: Origin) -> UpstreamConnection:
         """A TLS connection to ``origin`` inside a CONNECT tunnel through ``proxy``."""
-        await self._check_proxied_host(origin)
+        await self.check_proxied_host(origin.host, origin.port)
         proxy_addresses = [str(ip) for ip in await _resolve(proxy.host, proxy.port)]
         sock = await self._open_socket(proxy.host, proxy.port, proxy_addresses)
         try:
@@ -307,33 +312,30 @@ class UpstreamClient:
             raise
         return await self._wrap(origin, sock)
 
-    async def _check_proxied_host(self, origin: Origin) -> None:
-        """The guard, for a host the proxy will resolve: every address it has here must be
-        allowed. A name this machine cannot resolve is left to the proxy; names were vetted
-        (no localhost, no internal suffixes) when the key was added."""
-        where = (origin.host, origin.port)
+    async def check_proxied_host(self, host: str, port: int) -> None:
+        """The guard, for a host the forward proxy will resolve: every address it has here
+        must be allowed, else UpstreamConnectError. A name this machine cannot resolve is
+        left to the proxy; names were vetted (no localhost, no internal suffixes) when the
+        key was added."""
+        where = (host, port)
         loop = self._loop()
         if self._proxied_checked.get(where, 0.0) > loop.time():
             return
-        ip = parse_address(origin.host)
+        ip = parse_address(host)
         try:
             if ip is not None:
                 found = [ip]
             else:
                 # Where only the proxy reaches out, local DNS may not answer at all.
                 async with asyncio.timeout(PROXIED_LOOKUP_SECONDS):
-                    found = await resolve_addresses(origin.host, origin.port)
+                    found = await resolve_addresses(host, port)
         except (UnresolvableHostError, TimeoutError):
             found = []
         for address in found:
-            reason = self._policy.refusal(address, origin.port)
+            reason = self._policy.refusal(address, port)
             if reason is not None:
                 upstream_log.warning(
-                    "upstream guard refused %s port %d (%s): %s",
-                    origin.host,
-                    origin.port,
-                    address,
-                    reason,
+                    "upstream guard refused %s port %d (%s): %s", host, port, address, reason
                 )
                 raise UpstreamConnectError()
         # A name unknown here stays unknown for a while: do not ask local DNS every time.
