@@ -18,7 +18,8 @@ from .accounts import User
 from .config import Settings
 from .errors import ApiError
 from .log import admin_log, pool_log, redact, secrets
-from .pool import KeyPool, KeyStatus, PooledKey
+from .pool import KeyPool, KeyStatus, Outcome, PooledKey
+from .pool.health import classify_response
 from .storage import Database
 from .upstream import UpstreamClient, UpstreamError, header_block
 
@@ -242,11 +243,16 @@ class UpstreamKeys:
 
     async def check(self, key: PooledKey) -> PooledKey:
         """Probe the key's upstream now; a key that answers becomes active again."""
-        status = await self.discover(key)
-        if status == 200:
+        answer = await self._list_models(key)
+        status, body = answer if answer is not None else (None, b"")
+        outcome = classify_response(status, {}, body).outcome if status else None
+        if outcome in (Outcome.OK, Outcome.NOT_ALLOWED):
+            # NOT_ALLOWED: a restricted key without the scope to list models, whose
+            # credentials the upstream accepted.
             self.pool.reset(key)
-        elif status in (401, 403):
-            key.status = KeyStatus.INVALID
+        elif outcome in (Outcome.INVALID, Outcome.FORBIDDEN):
+            if outcome is Outcome.INVALID:
+                key.status = KeyStatus.INVALID
             key.last_error = f"upstream answered {status} to GET /models"
             self.pool.dirty.add(key.id)
         await self.save_health()
@@ -256,6 +262,12 @@ class UpstreamKeys:
 
     async def discover(self, key: PooledKey) -> int | None:
         """Ask ``GET {base_url}/models``; return the status, or None when unreachable."""
+        answer = await self._list_models(key)
+        return answer[0] if answer is not None else None
+
+    async def _list_models(self, key: PooledKey) -> tuple[int, bytes] | None:
+        """``GET {base_url}/models`` and take the models it lists; the status and body (of
+        a 200, 401 or 403), or None when the upstream could not be reached."""
         if self.upstream is None:
             return None
         headers = header_block([("Authorization", key.auth_header), ("Accept", "application/json")])
@@ -264,7 +276,8 @@ class UpstreamKeys:
                 answer = await self.upstream.request("GET", key.base_url, "/models", headers)
                 try:
                     status = answer.status
-                    body = await answer.read(MODELS_BODY_LIMIT) if status == 200 else b""
+                    wanted = status in (200, 401, 403)
+                    body = await answer.read(MODELS_BODY_LIMIT) if wanted else b""
                 finally:
                     answer.release()
         except TimeoutError:
@@ -278,7 +291,7 @@ class UpstreamKeys:
             if models is not None and key.models is None:
                 self.pool.set_models(key, models, discovered=True)
                 self.pool.dirty.add(key.id)
-        return status
+        return status, body
 
     async def refresh_models(self) -> None:
         """Background loop: keys without an owner-given model list re-ask their upstream."""

@@ -107,6 +107,17 @@ _FAULT_ERRORS = {
         "unsupported_country_region_territory",
         "Country, region, or territory not supported",
     ),
+    # A restricted key (OpenAI) without the scope the operation needs: its credentials are
+    # fine, and another key may have the scope.
+    "401_scope": _ErrorFault(
+        401,
+        "invalid_request_error",
+        None,
+        "You have insufficient permissions for this operation. Missing scopes: "
+        "model.request. Check that you have the correct role in your organization.",
+    ),
+    # OpenRouter's answer for an account or key without credit.
+    "402": _ErrorFault(402, "payment_required", None, "Insufficient credits."),
     "500": _ErrorFault(
         500, "server_error", None, "The server had an error processing your request."
     ),
@@ -911,6 +922,8 @@ class FakeUpstream:
             return web.Response(
                 status=502, text=_BAD_GATEWAY_HTML, content_type="text/html", headers=headers
             )
+        if "body" in opts:  # another provider's envelope, as given
+            return self._json(opts["body"], status=spec.status, headers=headers)
         body = error_body(
             opts.get("message", spec.message.format(key=request[_KEY])),
             type_=opts.get("type", spec.type),

@@ -1,11 +1,15 @@
-"""Choosing keys: the strategies over the real KeyPool, no server needed."""
+"""Choosing keys and judging answers: the real KeyPool and classifier, no server needed."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 
-from apipool_proxy.pool import KeyPool, KeyStatus, PooledKey
+import pytest
+
+from apipool_proxy.pool import KeyPool, KeyStatus, Outcome, PooledKey
+from apipool_proxy.pool.health import classify_response
 
 MODEL = "gpt-4o-mini"
 
@@ -87,3 +91,41 @@ def test_a_refused_model_is_not_offered_until_the_refusal_runs_out():
     pool.refuse_model(key, MODEL, until=now + 60)
     pool.set_models(key, frozenset({MODEL}), discovered=False)
     assert [k.id for k in pool.candidates(MODEL, 2)] == [1, 2]
+
+
+def _error(message: str, **fields: object) -> bytes:
+    return json.dumps({"error": {"message": message, **fields}}).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "outcome"),
+    [
+        (401, _error("Incorrect API key provided", code="invalid_api_key"), Outcome.INVALID),
+        (401, b"<html>Unauthorized</html>", Outcome.INVALID),
+        (401, _error("You have insufficient permissions. Missing scopes: x"), Outcome.NOT_ALLOWED),
+        (403, _error("Missing scopes: api.files.write"), Outcome.NOT_ALLOWED),
+        (
+            403,
+            _error("Country not supported", code="unsupported_country_region_territory"),
+            Outcome.INVALID,
+        ),
+        (
+            403,
+            _error("Your chosen model requires moderation and your input was flagged"),
+            Outcome.CALLER_ERROR,
+        ),
+        (403, _error("Declined", metadata={"flagged_input": "..."}), Outcome.CALLER_ERROR),
+        (403, _error("Forbidden"), Outcome.FORBIDDEN),
+        (403, b"<html>Forbidden</html>", Outcome.FORBIDDEN),
+        (403, b'{"error": "a string"}', Outcome.FORBIDDEN),
+        (402, _error("Insufficient credits"), Outcome.EXHAUSTED),
+        (429, _error("You exceeded your quota", code="insufficient_quota"), Outcome.EXHAUSTED),
+        (429, _error("Rate limit reached"), Outcome.RATE_LIMITED),
+        (408, b"", Outcome.SERVER_ERROR),
+        (529, _error("Overloaded"), Outcome.SERVER_ERROR),
+        (404, _error("Unknown model", code="model_not_found"), Outcome.CALLER_ERROR),
+        (422, _error("Unprocessable"), Outcome.CALLER_ERROR),
+    ],
+)
+def test_upstream_errors_are_judged_by_what_they_say_about_the_key(status, body, outcome):
+    assert classify_response(status, {}, body).outcome is outcome

@@ -297,6 +297,73 @@ async def test_401_marks_the_key_invalid_and_redacts_it(pool: Pool):
     assert entry["last_error"] and bad not in entry["last_error"]
 
 
+# OpenRouter answers 403 with this when the caller's input was flagged by moderation.
+FLAGGED = {
+    "error": {
+        "code": 403,
+        "message": "Your chosen model requires moderation and your input was flagged",
+        "metadata": {"reasons": ["violence"], "flagged_input": "...", "provider_name": "x"},
+    }
+}
+
+
+async def key_states(pool: Pool) -> list[str]:
+    _, data = await pool.alice.call("GET", "/api/keys")
+    by_id = {k["id"]: k["status"] for k in data["keys"]}
+    return [by_id[key_id] for key_id in pool.key_ids]
+
+
+async def test_a_flagged_prompt_is_the_callers_answer_and_costs_no_key(pool: Pool):
+    # A member sending flagged prompts must not be able to take the pool's keys out.
+    for key in pool.keys:
+        pool.up.fail(key, "403", times=3, body=FLAGGED)
+    client = pool.client()
+    for _ in range(3):
+        with pytest.raises(openai.PermissionDeniedError) as caught:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
+        assert "input was flagged" in caught.value.message
+    assert sum(pool.served_by(k) for k in pool.keys) == 3  # one key each time, no failover
+    assert await key_states(pool) == ["active", "active"]
+
+
+async def test_a_key_lacking_a_scope_passes_the_request_on_and_stays_in_the_pool(pool: Pool):
+    restricted = pool.keys[0]
+    pool.up.fail(restricted, "401_scope")  # every request, until healed
+    await until_served(pool, restricted)  # each one served by the other key
+    assert await key_states(pool) == ["active", "active"]
+    # When no key has the scope, the caller learns why, as a 403: their token is fine.
+    pool.up.fail(pool.keys[1], "401_scope")
+    with pytest.raises(openai.PermissionDeniedError) as caught:
+        await pool.client().chat.completions.create(model="gpt-4o-mini", messages=messages())
+    assert "Missing scopes" in caught.value.message
+    assert await key_states(pool) == ["active", "active"]
+    status, checked = await pool.alice.call("POST", f"/api/keys/{pool.key_ids[0]}/check")
+    assert (status, checked["status"]) == (200, "active")  # the credentials are accepted
+
+
+async def test_a_key_out_of_credit_rests_and_the_next_key_serves(pool: Pool):
+    broke = pool.keys[0]
+    pool.up.fail(broke, "402")
+    await until_served(pool, broke)
+    assert pool.served_by(broke) == 1
+    assert await key_states(pool) == ["exhausted", "active"]
+
+
+async def test_a_403_for_an_unknown_reason_fails_over_and_rests_the_key_if_it_repeats(
+    pool: Pool,
+):
+    refusing = pool.keys[0]
+    pool.up.fail(refusing, "403", body={"error": {"message": "Forbidden"}})
+    await until_served(pool, refusing)
+    assert await key_states(pool) == ["active", "active"]  # once can be bad luck
+    client = pool.client()
+    for _ in range(50):
+        if pool.served_by(refusing) == 2:
+            break
+        await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
+    assert await key_states(pool) == ["cooling", "active"]  # twice in a row is a pattern
+
+
 async def test_400_is_returned_verbatim_without_failover(pool: Pool):
     key = pool.keys[0]
     for k in pool.keys:

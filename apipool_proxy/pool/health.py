@@ -18,15 +18,25 @@ from dataclasses import dataclass
 class Outcome(enum.Enum):
     OK = "ok"
     CALLER_ERROR = "caller_error"  # 400/404/413/422...: the caller's fault, relay as is
+    # This key's account may not do what was asked (a model, an operation), another's may:
+    # try another key, hold nothing against this one.
+    NOT_ALLOWED = "not_allowed"
     RATE_LIMITED = "rate_limited"  # 429: cool down, try another key
-    EXHAUSTED = "exhausted"  # out of credit: long cooldown, try another key
-    INVALID = "invalid"  # 401/403: the key is bad, try another key
-    SERVER_ERROR = "server_error"  # 500/502/503/504 or unreachable: try another key
+    EXHAUSTED = "exhausted"  # out of credit (429 insufficient_quota, 402): long cooldown
+    INVALID = "invalid"  # 401, or a 403 that names the key: the key is bad, try another
+    FORBIDDEN = "forbidden"  # 403 for no reason we know: try another key, rest if it repeats
+    SERVER_ERROR = "server_error"  # 5xx, 408 or unreachable: try another key
 
 
 # Statuses on which another key may do better (before any byte reached the caller).
 RETRYABLE = frozenset(
-    {Outcome.RATE_LIMITED, Outcome.EXHAUSTED, Outcome.INVALID, Outcome.SERVER_ERROR}
+    {
+        Outcome.RATE_LIMITED,
+        Outcome.EXHAUSTED,
+        Outcome.INVALID,
+        Outcome.FORBIDDEN,
+        Outcome.SERVER_ERROR,
+    }
 )
 
 EXHAUSTED_COOLDOWN = 3600.0
@@ -46,21 +56,55 @@ def classify_response(status: int, headers: Mapping[str, str], body: bytes) -> V
         if _is_quota_error(body):
             return Verdict(Outcome.EXHAUSTED)
         return Verdict(Outcome.RATE_LIMITED, retry_after_seconds(headers))
+    if status == 402:  # no credit left (OpenRouter, DeepSeek)
+        return Verdict(Outcome.EXHAUSTED)
     if status in (401, 403):
-        return Verdict(Outcome.INVALID)
-    if status in (500, 502, 503, 504):
+        return _classify_refusal(status, body)
+    # 408: the upstream gave up waiting (OpenRouter); 529: overloaded (Anthropic-style).
+    if status in (408, 500, 502, 503, 504, 529):
         return Verdict(Outcome.SERVER_ERROR, retry_after_seconds(headers))
     return Verdict(Outcome.CALLER_ERROR)
+
+
+def _classify_refusal(status: int, body: bytes) -> Verdict:
+    """A 401 or 403. Only what is surely about the key may take it out of the pool: a
+    member who can make every key look invalid (with a flagged prompt, an operation
+    restricted keys lack) could otherwise empty the pool for everyone."""
+    error = _error_object(body)
+    message = str(error.get("message") or "").lower()
+    if "missing scopes" in message or "insufficient permissions" in message:
+        # A restricted key (OpenAI) without the scope this operation needs.
+        return Verdict(Outcome.NOT_ALLOWED)
+    if status == 401:
+        return Verdict(Outcome.INVALID)
+    metadata = error.get("metadata")
+    if (isinstance(metadata, dict) and "flagged_input" in metadata) or (
+        "moderation" in message or "flagged" in message
+    ):
+        # The caller's input was flagged (OpenRouter answers 403): the caller's answer.
+        return Verdict(Outcome.CALLER_ERROR)
+    if error.get("code") == _UNSUPPORTED_REGION:
+        return Verdict(Outcome.INVALID)  # the key can never work from this server
+    return Verdict(Outcome.FORBIDDEN)
+
+
+_UNSUPPORTED_REGION = "unsupported_country_region_territory"
+
+
+def _error_object(body: bytes) -> dict:
+    """The ``error`` object of an OpenAI-style error body; empty when there is none."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        return {}
+    return error if isinstance(error, dict) else {}
 
 
 def _is_quota_error(body: bytes) -> bool:
     # OpenAI answers 429 with code/type "insufficient_quota" when the account has no credit.
     if b"insufficient_quota" not in body:
         return False
-    try:
-        error = json.loads(body).get("error") or {}
-    except (ValueError, AttributeError):
-        return False
+    error = _error_object(body)
     return "insufficient_quota" in (error.get("code"), error.get("type"))
 
 

@@ -277,7 +277,7 @@ class KeyPool:
     def record(self, key: PooledKey, verdict: Verdict, error: str | None, now: float) -> None:
         """Apply what the upstream answered to the key's state."""
         outcome = verdict.outcome
-        if outcome in (Outcome.OK, Outcome.CALLER_ERROR):
+        if outcome in (Outcome.OK, Outcome.CALLER_ERROR, Outcome.NOT_ALLOWED):
             key.failures = 0
             if key.status is not KeyStatus.ACTIVE and key.effective_status(now) is not (
                 KeyStatus.INVALID

@@ -263,10 +263,10 @@ async def _refused(
         return RESEND
     # 404, or 403 from a project barred from the model (OpenAI), with model_not_found: this
     # key's account cannot use the model. Not the caller's mistake, not a broken key.
-    refused = status in (403, 404) and bool(exchange.model) and b'"model_not_found"' in error
+    refused_model = status in (403, 404) and bool(exchange.model) and b'"model_not_found"' in error
     verdict = (
-        Verdict(Outcome.CALLER_ERROR)
-        if refused
+        Verdict(Outcome.NOT_ALLOWED)
+        if refused_model
         else classify_response(status, upstream.headers, error)
     )
     services.pool.record(key, verdict, _error_text(status, error), now or time.time())
@@ -275,19 +275,25 @@ async def _refused(
         return Failure(f"key {key.id} got {_status_words(status, verdict)}", verdict)
     # The caller's own mistake (400, 404, 422...): relayed verbatim, costs the key nothing,
     # except that an upstream echoing the pooled key must not hand it to the caller.
-    exchange.status = status
+    not_allowed = verdict.outcome is Outcome.NOT_ALLOWED
+    # A 401 about the pooled key's permissions would read as "your token is wrong" to the
+    # caller, whose token is fine: 403 says what happened.
+    exchange.status = 403 if not_allowed and status == 401 else status
     headers = caller_response_headers(upstream.headers, exchange.request_id)
     secret = key.secret.encode()
     if secret in error:
         error = error.replace(secret, REDACTED.encode())
-    response = web.Response(status=status, body=error, headers=headers)
-    if refused and exchange.model:
-        # Another key's account may have access: try it, and do not offer this key the model
-        # for a while.
+    response = web.Response(status=exchange.status, body=error, headers=headers)
+    if not not_allowed:
+        return response
+    # Another key's account may be allowed: try it; the caller gets this answer if none is.
+    if refused_model and exchange.model:
+        # And this key is not offered the model for a while.
         services.pool.refuse_model(key, exchange.model, time.time() + MODEL_REFUSAL_SECONDS)
         upstream_log.info("key %d cannot use model %s; trying another key", key.id, exchange.model)
         return Failure(f"key {key.id} has no access to the model", verdict, response)
-    return response
+    upstream_log.info("key %d may not do this (%d); trying another key", key.id, status)
+    return Failure(f"key {key.id} lacks the permission", verdict, response)
 
 
 def _payload_for(key: PooledKey, exchange: Exchange, body: RequestBody) -> tuple[bytes, bool]:
@@ -369,8 +375,9 @@ def _error_text(status: int, body: bytes) -> str:
 def _status_words(status: int, verdict: Verdict) -> str:
     words = {
         Outcome.RATE_LIMITED: "rate-limited (429)",
-        Outcome.EXHAUSTED: "out of quota (429)",
+        Outcome.EXHAUSTED: f"out of quota ({status})",
         Outcome.INVALID: f"rejected as invalid ({status})",
+        Outcome.FORBIDDEN: f"refused ({status})",
     }
     return words.get(verdict.outcome, f"an upstream error ({status})")
 

@@ -506,6 +506,8 @@ def _list_error(status: int, verdict: Verdict, raw: bytes, key: PooledKey) -> Ap
             f"An upstream key holding your objects answered {status} to listing them.",
             code="upstream_error",
         )
+    if verdict.outcome is Outcome.NOT_ALLOWED and status == 401:
+        status = 403  # the pooled key lacks a permission; the caller's token is fine
     # The caller's own mistake (a bad filter): pass on what the upstream said.
     try:
         error = json.loads(raw)["error"]

@@ -18,7 +18,7 @@ from yarl import URL
 from ..errors import ApiError
 from ..log import upstream_log
 from ..pool import NoKeyAvailable, Outcome
-from ..pool.health import Verdict
+from ..pool.health import Verdict, classify_response
 from ..state import Services
 from .access import add_exchange_headers
 from .exchange import Exchange
@@ -68,14 +68,12 @@ async def relay_websocket(
                 url, headers=headers, protocols=protocols, autoping=False, max_msg_size=0
             )
         except aiohttp.WSServerHandshakeError as exc:
-            outcome = Outcome.INVALID if exc.status in (401, 403) else Outcome.CALLER_ERROR
-            if exc.status in (429, 500, 502, 503, 504):
-                outcome = Outcome.SERVER_ERROR
-            services.pool.record(
-                key, Verdict(outcome), f"HTTP {exc.status} on upgrade", time.time()
-            )
+            # The refusal's body is not kept by aiohttp: judged by status and headers.
+            verdict = classify_response(exc.status, exc.headers or {}, b"")
+            services.pool.record(key, verdict, f"HTTP {exc.status} on upgrade", time.time())
+            # A 401 is about the pooled key, not the caller's token.
             raise ApiError(
-                502 if exc.status >= 500 else exc.status,
+                502 if exc.status >= 500 or exc.status == 401 else exc.status,
                 f"The upstream refused the WebSocket upgrade ({exc.status}).",
                 code="upstream_error",
             ) from None
