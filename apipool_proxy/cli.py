@@ -146,6 +146,9 @@ def _add_key_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", metavar="LABEL")
     parser.add_argument("--max-concurrent", metavar="N", type=int)
     parser.add_argument("--rpm", metavar="N", type=int, help="requests per minute")
+    parser.add_argument(
+        "--daily-tokens", metavar="N", type=int, help="tokens the key serves per day (UTC)"
+    )
 
 
 def _add_token_commands(commands: Subcommands, parents: list[argparse.ArgumentParser]) -> None:
@@ -231,6 +234,7 @@ def _add_key(args: argparse.Namespace) -> int:
         label=args.label,
         max_concurrent=args.max_concurrent,
         rpm=args.rpm,
+        daily_tokens=args.daily_tokens,
     )
     print("Key added successfully.")
     print(_key_line(key))
@@ -253,7 +257,7 @@ def _remove_key(args: argparse.Namespace) -> int:
 def _update_key(args: argparse.Namespace) -> int:
     fields = {
         name: getattr(args, name)
-        for name in ("label", "models", "enabled", "max_concurrent", "rpm")
+        for name in ("label", "models", "enabled", "max_concurrent", "rpm", "daily_tokens")
         if getattr(args, name) is not None
     }
     if not fields:
@@ -358,6 +362,8 @@ def _key_line(key: dict[str, Any]) -> str:
         "status": key.get("status"),
         "visibility": key.get("visibility"),
     }
+    if key.get("daily_tokens") is not None:
+        fields["tokens_today"] = f"{key.get('tokens_today')}/{key['daily_tokens']}"
     return f"- {key.get('masked_key')}  " + "  ".join(f"{k}={v}" for k, v in fields.items())
 
 

@@ -130,11 +130,13 @@ class APIPoolClient:
         label: str | None = None,
         max_concurrent: int | None = None,
         rpm: int | None = None,
+        daily_tokens: int | None = None,
     ) -> dict[str, Any]:
         """Contribute an upstream API key to the pool and return it, with the key masked.
 
         models limits the key to those model names (None: any model); max_concurrent and rpm
-        cap the parallel requests and requests per minute the pool sends through it.
+        cap the parallel requests and requests per minute the pool sends through it, and
+        daily_tokens the tokens it serves per UTC day, all members together.
         """
         body: dict[str, Any] = {"key": key, "base_url": base_url}
         body.update(
@@ -143,6 +145,7 @@ class APIPoolClient:
                 label=label,
                 max_concurrent=max_concurrent,
                 rpm=rpm,
+                daily_tokens=daily_tokens,
             )
         )
         return self._admin("POST", "/api/keys", body)
@@ -152,7 +155,8 @@ class APIPoolClient:
         return _field(self._admin("GET", "/api/keys"), "keys")
 
     def update_key(self, key_id: int | str, **fields: Any) -> dict[str, Any]:
-        """Change a key and return it. Fields: label, models, enabled, max_concurrent, rpm.
+        """Change a key and return it. Fields: label, models, enabled, max_concurrent, rpm,
+        daily_tokens (None removes a cap).
 
         Example: ``client.update_key(3, enabled=False)``. Fields are sent as given.
         """

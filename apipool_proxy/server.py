@@ -102,6 +102,7 @@ async def _load(
         raise StartupError(str(exc)) from None
     limiter = Limiter(settings.limits)
     now = time.time()
+    await keys.seed_budgets(now)
     for row in await db.tokens_since(today_start(now)):
         limiter.seed_today(row["user_id"], row["tokens"] or 0, now)
     objects = ObjectRegistry()

@@ -17,6 +17,7 @@ from . import crypto, netguard
 from .accounts import User
 from .config import Settings
 from .errors import ApiError
+from .limits import today_start
 from .log import admin_log, pool_log, redact, secrets
 from .pool import KeyPool, KeyStatus, Outcome, PooledKey
 from .pool.health import classify_response
@@ -72,6 +73,7 @@ class UpstreamKeys:
             last_error=row["last_error"],
             max_concurrent=row["max_concurrent"],
             rpm=row["rpm"],
+            daily_tokens=row["daily_tokens"],
             no_stream_options=bool(row["no_stream_options"]),
             created_at=row["created_at"],
             last_used_at=row["last_used_at"],
@@ -90,6 +92,7 @@ class UpstreamKeys:
         label = _check_label(payload.get("label"))
         max_concurrent = _check_cap(payload, "max_concurrent")
         rpm = _check_cap(payload, "rpm")
+        daily_tokens = _check_cap(payload, "daily_tokens")
         fingerprint = crypto.key_fingerprint(self.master_key, base_url + "\n" + secret)
         if any(k.secret == secret and k.base_url == base_url for k in self.pool):
             raise ApiError(
@@ -107,6 +110,7 @@ class UpstreamKeys:
             "models": json.dumps(sorted(models)) if models is not None else None,
             "max_concurrent": max_concurrent,
             "rpm": rpm,
+            "daily_tokens": daily_tokens,
             "approved": 0,
             "created_at": created_at,
         }
@@ -122,6 +126,7 @@ class UpstreamKeys:
             on_shared_host=self._is_shared_host(base_url),
             max_concurrent=max_concurrent,
             rpm=rpm,
+            daily_tokens=daily_tokens,
             created_at=created_at,
         )
         secrets.add(secret)
@@ -185,7 +190,7 @@ class UpstreamKeys:
         admin_log.info("user %d removed key %d (%s)", user.id, key_id, key.masked)
 
     async def update(self, key: PooledKey, payload: dict[str, Any]) -> PooledKey:
-        unknown = set(payload) - {"label", "models", "enabled", "max_concurrent", "rpm"}
+        unknown = set(payload) - _CHANGEABLE
         if unknown:
             name = sorted(unknown)[0]
             raise ApiError(400, f"'{name}' cannot be changed.", param=name, code="invalid_field")
@@ -198,8 +203,18 @@ class UpstreamKeys:
             )
         max_concurrent = _check_cap(payload, "max_concurrent", key.max_concurrent)
         rpm = _check_cap(payload, "rpm", key.rpm)
-        await self._save_settings(key, label, models, enabled, key.approved, max_concurrent, rpm)
+        daily_tokens = _check_cap(payload, "daily_tokens", key.daily_tokens)
+        await self._save_settings(
+            key,
+            label=label,
+            models=models,
+            enabled=enabled,
+            max_concurrent=max_concurrent,
+            rpm=rpm,
+            daily_tokens=daily_tokens,
+        )
         key.label, key.max_concurrent, key.rpm = label, max_concurrent, rpm
+        key.daily_tokens = daily_tokens
         if enabled and not key.enabled:
             self.pool.reset(key)
         key.enabled = enabled
@@ -207,36 +222,30 @@ class UpstreamKeys:
             self.pool.set_models(key, models, discovered=False)
         return key
 
-    async def _save_settings(
-        self,
-        key: PooledKey,
-        label: str | None,
-        models: frozenset[str] | None,
-        enabled: bool,
-        approved: bool,
-        max_concurrent: int | None,
-        rpm: int | None,
-    ) -> None:
-        """Write a key's owner-set fields; the caller applies them to the pool after."""
-        await self.db.save_key_settings(
-            key.id,
-            {
-                "label": label,
-                "models": json.dumps(sorted(models)) if models is not None else None,
-                "enabled": int(enabled),
-                "approved": int(approved),
-                "max_concurrent": max_concurrent,
-                "rpm": rpm,
-            },
-        )
+    async def _save_settings(self, key: PooledKey, **changes: Any) -> None:
+        """Write a key's owner-set fields, ``changes`` over their current values; the caller
+        applies them to the pool after, so a failed write changes nothing."""
+        values: dict[str, Any] = {
+            "label": key.label,
+            "models": key.models,
+            "enabled": key.enabled,
+            "approved": key.approved,
+            "max_concurrent": key.max_concurrent,
+            "rpm": key.rpm,
+            "daily_tokens": key.daily_tokens,
+        }
+        values.update(changes)
+        models = values["models"]
+        values["models"] = json.dumps(sorted(models)) if models is not None else None
+        values["enabled"] = int(values["enabled"])
+        values["approved"] = int(values["approved"])
+        await self.db.save_key_settings(key.id, values)
 
     async def approve(self, key_id: int) -> PooledKey:
         key = self.pool.get(key_id)
         if key is None:
             raise ApiError(404, f"No key with id {key_id}.", code="key_not_found")
-        await self._save_settings(
-            key, key.label, key.models, key.enabled, True, key.max_concurrent, key.rpm
-        )
+        await self._save_settings(key, approved=True)
         key.approved = True
         self.pool.changed()  # others may use it now
         return key
@@ -305,6 +314,13 @@ class UpstreamKeys:
 
     # -- persistence of live state ---------------------------------------------------------
 
+    async def seed_budgets(self, now: float) -> None:
+        """Count what each key served today, so a restart does not refill its budget."""
+        for row in await self.db.key_tokens_since(today_start(now)):
+            key = self.pool.get(row["key_id"])
+            if key is not None:
+                key.add_tokens(row["tokens"] or 0, now)
+
     async def save_health(self) -> None:
         dirty, self.pool.dirty = self.pool.dirty, set()
         rows = []
@@ -348,6 +364,8 @@ class UpstreamKeys:
             "last_error": redact(key.last_error) if key.last_error else None,
             "max_concurrent": key.max_concurrent,
             "rpm": key.rpm,
+            "daily_tokens": key.daily_tokens,
+            "tokens_today": key.tokens_used_today(now),
             "in_flight": key.in_flight,
             "created_at": iso(key.created_at),
             "last_used_at": iso(key.last_used_at),
@@ -425,13 +443,21 @@ def _check_label(value: Any) -> str | None:
     return value or None
 
 
+# What an owner may change about a key after adding it (the base URL never changes).
+_CHANGEABLE = frozenset(("label", "models", "enabled", "max_concurrent", "rpm", "daily_tokens"))
+
+# The largest value each cap takes (a million, unless named here).
+_CAP_MOST = {"daily_tokens": 10**12}
+
+
 def _check_cap(payload: dict[str, Any], name: str, current: int | None = None) -> int | None:
     if name not in payload:
         return current
     value = payload[name]
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1_000_000:
+    most = _CAP_MOST.get(name, 1_000_000)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
         raise ApiError(
             400, f"'{name}' must be a positive integer or null.", param=name, code="invalid_value"
         )

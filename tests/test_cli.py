@@ -54,6 +54,11 @@ def test_walkthrough_register_login_add_list_logout(served, tmp_path: Path):
     assert len(lines) == 2 and lines[1].startswith("- sk-wa...9876")
     assert "sk-walkthrough-secret-9876" not in result.stdout
 
+    result = cli(served, work, "update-key", "1", "--daily-tokens", "50000", "--rpm", "30")
+    assert (result.returncode, result.stdout.strip()) == (0, "Key 1 updated."), result.stderr
+    result = cli(served, work, "list-keys")
+    assert "tokens_today=0/50000" in result.stdout
+
     token = token_file.read_text().strip()
     result = cli(served, work, "logout")
     assert result.stdout.strip() == "Logged out successfully."

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from .scenario import MODEL, bare_upstream, chat_completion, scenario, secret
+from .support import Member
 
 RESET = re.compile(r"^(\d+m)?\d+s$|^\d+ms$")
 
@@ -214,6 +215,45 @@ async def test_key_rpm_cap_is_skipped(start_server, http):
         for _ in range(3):
             await s.chat(alice)
         assert (s.served_by("capped"), s.served_by("open")) == (2, 3)
+
+
+async def test_a_key_stops_at_its_daily_token_budget_until_the_owner_raises_it(start_server, http):
+    # Each request costs 2 prompt + 5 completion tokens. Like the per-user limit, a key still
+    # takes a request while under its budget: the second one (7 of 10 used) goes through.
+    async with scenario(start_server, http) as s:
+        alice = await s.member("alice")
+        key_id = await s.add_key(alice, "budgeted", daily_tokens=10)
+        await s.chat(alice)
+        await s.chat(alice)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await s.chat(alice)
+        assert "daily token budget" in caught.value.message
+        assert 1 <= int(caught.value.response.headers["Retry-After"]) <= 86400  # midnight UTC
+        assert s.upstream_calls() == 2
+
+        await s.add_key(alice, "open")
+        await s.chat(alice)
+        assert (s.served_by("budgeted"), s.served_by("open")) == (2, 1)
+        _, listed = await alice.call("GET", "/api/keys")
+        spent = {k["id"]: (k["daily_tokens"], k["tokens_today"]) for k in listed["keys"]}
+        assert spent[key_id] == (10, 14)
+
+        status, _ = await alice.call("PATCH", f"/api/keys/{key_id}", {"daily_tokens": 1000})
+        assert status == 200
+        for _ in range(50):  # the pool picks among equals at random
+            if s.served_by("budgeted") == 3:
+                break
+            await s.chat(alice)
+        assert s.served_by("budgeted") == 3
+        status, data = await alice.call("PATCH", f"/api/keys/{key_id}", {"daily_tokens": 0})
+        assert (status, data["error"]["param"]) == (400, "daily_tokens")
+
+    async with scenario(start_server, http) as s:  # the same database: today still counts
+        again = Member(http, s.server.admin_url, "alice")
+        again.token = alice.token
+        _, listed = await again.call("GET", "/api/keys")
+        spent = {k["id"]: (k["daily_tokens"], k["tokens_today"]) for k in listed["keys"]}
+        assert spent[key_id] == (1000, 21)
 
 
 # -- own keys, the shared pool, and contribution ---------------------------------------------

@@ -8,6 +8,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+DAY = 86400.0
+
 
 class KeyStatus(enum.StrEnum):
     ACTIVE = "active"
@@ -41,6 +43,8 @@ class PooledKey:
     last_error: str | None = None
     max_concurrent: int | None = None
     rpm: int | None = None
+    # Tokens the key may serve per UTC day, all members together (its owner's budget).
+    daily_tokens: int | None = None
     no_stream_options: bool = False
     # Models this key's account turned down (model_not_found) -> until when the key is
     # not offered them: a key listed for a model it cannot use is not tried over and over.
@@ -51,6 +55,8 @@ class PooledKey:
     in_flight: int = 0
     failures: int = 0
     recent_starts: deque[float] = field(default_factory=deque)
+    day: int = -1  # the UTC day tokens_today counts
+    tokens_today: int = 0
     auth_header: str = ""
     host: str = ""
 
@@ -84,13 +90,15 @@ class PooledKey:
     def ready(self, now: float) -> bool:
         """Usable for a new request now: enabled, not cooling or broken, under its caps."""
         if self.status is KeyStatus.ACTIVE and self.enabled:
-            if self.max_concurrent is None and self.rpm is None:
+            if self.max_concurrent is None and self.rpm is None and self.daily_tokens is None:
                 return True  # the common case, decided without another call
             return not self.at_capacity(now)
         return self.effective_status(now) is KeyStatus.ACTIVE and not self.at_capacity(now)
 
     def at_capacity(self, now: float) -> bool:
         if self.max_concurrent is not None and self.in_flight >= self.max_concurrent:
+            return True
+        if self.budget_spent(now):
             return True
         if self.rpm is not None:
             starts = self.recent_starts
@@ -104,6 +112,26 @@ class PooledKey:
         if self.rpm is not None and self.recent_starts and len(self.recent_starts) >= self.rpm:
             return self.recent_starts[0] + 60.0
         return now + 1.0
+
+    def budget_spent(self, now: float) -> bool:
+        """True when the key served its daily token budget today (UTC)."""
+        if self.daily_tokens is None:
+            return False
+        return self.tokens_used_today(now) >= self.daily_tokens
+
+    def budget_resets_at(self, now: float) -> float:
+        return (now // DAY + 1) * DAY  # the next midnight, UTC
+
+    def tokens_used_today(self, now: float) -> int:
+        return self.tokens_today if self.day == int(now // DAY) else 0
+
+    def add_tokens(self, tokens: int, now: float) -> None:
+        """Count tokens the key served. A request already under way when the budget runs
+        out still finishes, so a busy key may go a little over it."""
+        day = int(now // DAY)
+        if day != self.day:
+            self.day, self.tokens_today = day, 0
+        self.tokens_today += tokens
 
     def begin(self, now: float | None = None) -> None:
         self.in_flight += 1

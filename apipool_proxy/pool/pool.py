@@ -333,6 +333,8 @@ def _unavailable_reason(key: PooledKey, tried: set[int], now: float) -> tuple[st
         return "cooling down", key.cooldown_until
     if status is KeyStatus.EXHAUSTED and key.cooldown_until is not None:
         return "out of quota", None
+    if status is KeyStatus.ACTIVE and key.budget_spent(now):
+        return "out of their daily token budget", key.budget_resets_at(now)
     if status is KeyStatus.ACTIVE and key.at_capacity(now):
         return "at capacity", key.capacity_free_at(now)
     return status.value, None

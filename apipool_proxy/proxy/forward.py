@@ -120,9 +120,11 @@ async def handle(request: web.BaseRequest, services: Services) -> web.StreamResp
         raise
     finally:
         services.metrics.in_flight -= 1
+        tokens = exchange.tokens.total if exchange.tokens else None
         if counters is not None:
-            tokens = exchange.tokens.total if exchange.tokens else None
             limiter.finish(counters, tokens, time.time())
+        if tokens and exchange.key is not None:
+            exchange.key.add_tokens(tokens, time.time())  # against its daily budget
         # Refused requests get a row too, so members and admins see limits being hit. The
         # access line and the request count are written by proxy/app.py.
         services.writer.record(exchange.usage_row())

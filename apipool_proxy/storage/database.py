@@ -213,9 +213,9 @@ class Database:
     async def create_key(self, fields: dict[str, Any]) -> int:
         return await self._write(
             "INSERT INTO upstream_keys (user_id, label, base_url, secret, masked, fingerprint,"
-            " models, max_concurrent, rpm, approved, created_at)"
+            " models, max_concurrent, rpm, daily_tokens, approved, created_at)"
             " VALUES (:user_id, :label, :base_url, :secret, :masked, :fingerprint, :models,"
-            " :max_concurrent, :rpm, :approved, :created_at)",
+            " :max_concurrent, :rpm, :daily_tokens, :approved, :created_at)",
             fields,  # type: ignore[arg-type]
         )
 
@@ -228,8 +228,8 @@ class Database:
     async def save_key_settings(self, key_id: int, fields: dict[str, Any]) -> None:
         await self._write(
             "UPDATE upstream_keys SET label = :label, models = :models, enabled = :enabled,"
-            " approved = :approved, max_concurrent = :max_concurrent, rpm = :rpm"
-            " WHERE id = :id",
+            " approved = :approved, max_concurrent = :max_concurrent, rpm = :rpm,"
+            " daily_tokens = :daily_tokens WHERE id = :id",
             {**fields, "id": key_id},  # type: ignore[arg-type]
         )
 
@@ -291,6 +291,14 @@ class Database:
             (since,),
         )
         return {row["key_id"]: (row["requests"], row["tokens"]) for row in rows}
+
+    async def key_tokens_since(self, since: float) -> list[Row]:
+        """Tokens each key served since a time (to seed daily budgets after a restart)."""
+        return await self._fetchall(
+            "SELECT key_id, SUM(COALESCE(total_tokens, 0)) AS tokens FROM usage"
+            " WHERE created_at >= ? AND key_id IS NOT NULL GROUP BY key_id",
+            (since,),
+        )
 
     async def tokens_since(self, since: float) -> list[Row]:
         """Tokens used per user since a time (to seed daily limits after a restart)."""

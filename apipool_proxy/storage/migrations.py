@@ -83,4 +83,8 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX upstream_objects_user ON upstream_objects(user_id, kind);
     """,
+    # 3: a key's daily token budget, set by its owner.
+    """
+    ALTER TABLE upstream_keys ADD COLUMN daily_tokens INTEGER;
+    """,
 ]
