@@ -116,6 +116,7 @@ def _error(message: str, **fields: object) -> bytes:
         ),
         (403, _error("Declined", metadata={"flagged_input": "..."}), Outcome.CALLER_ERROR),
         (403, _error("Forbidden"), Outcome.FORBIDDEN),
+        (403, _error("Your account has been flagged for review"), Outcome.FORBIDDEN),
         (403, b"<html>Forbidden</html>", Outcome.FORBIDDEN),
         (403, b'{"error": "a string"}', Outcome.FORBIDDEN),
         (402, _error("Insufficient credits"), Outcome.EXHAUSTED),

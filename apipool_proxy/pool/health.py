@@ -79,9 +79,10 @@ def _classify_refusal(status: int, body: bytes) -> Verdict:
         return Verdict(Outcome.INVALID)
     metadata = error.get("metadata")
     if (isinstance(metadata, dict) and "flagged_input" in metadata) or (
-        "moderation" in message or "flagged" in message
+        "requires moderation" in message or "input was flagged" in message
     ):
         # The caller's input was flagged (OpenRouter answers 403): the caller's answer.
+        # Narrowly matched: "your account was flagged" is about the key, not the input.
         return Verdict(Outcome.CALLER_ERROR)
     if error.get("code") == _UNSUPPORTED_REGION:
         return Verdict(Outcome.INVALID)  # the key can never work from this server
