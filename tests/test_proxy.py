@@ -736,6 +736,23 @@ async def test_health_check_and_paths_outside_v1(server, http, caplog):
             assert (await response.json())["error"]["code"] == "unknown_url"
 
 
+async def test_each_port_says_so_when_given_the_others_requests(server, http):
+    # An OpenAI client pointed at the admin port learns where the proxy port is.
+    client = openai.AsyncOpenAI(base_url=server.admin_url + "/v1", api_key="ap-x", max_retries=0)
+    async with client:
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=messages())
+    assert caught.value.code == "wrong_port"
+    assert f"base_url={server.proxy_url}" in caught.value.message
+    # The CLI or SDK pointed at the proxy port learns it is the wrong one, not where the
+    # admin port is.
+    base = server.proxy_url.removesuffix("/v1")
+    async with http.post(base + "/api/login", json={"username": "a", "password": "b"}) as answer:
+        error = (await answer.json())["error"]
+    assert (answer.status, error["code"]) == (404, "wrong_port")
+    assert server.admin_url.rsplit(":", 1)[1] not in error["message"]
+
+
 @pytest.mark.parametrize(
     "raw",
     [

@@ -59,6 +59,7 @@ def build_admin_app(services: Services) -> web.Application:
     add("GET", "/healthz", views.healthz)
     add("GET", "/readyz", views.readyz)
     add("GET", "/metrics", views.metrics)
+    add("*", "/v1/{tail:.*}", views.wrong_port)
     return app
 
 

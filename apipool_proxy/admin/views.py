@@ -353,6 +353,17 @@ async def info(request: web.Request) -> web.Response:
     return web.json_response({"version": __version__, "proxy_url": services.proxy_url})
 
 
+async def wrong_port(request: web.Request) -> web.Response:
+    """/v1 on the admin port: an OpenAI client given the wrong base URL."""
+    proxy_url = services_of(request).proxy_url
+    raise ApiError(
+        404,
+        f"This is the admin port of apipool-proxy; OpenAI API requests go to the proxy"
+        f" port: base_url={proxy_url}",
+        code="wrong_port",
+    )
+
+
 async def healthz(request: web.Request) -> web.Response:
     services = services_of(request)
     try:

@@ -60,6 +60,15 @@ async def _health(request: web.BaseRequest, services: Services) -> web.StreamRes
 
 
 async def _not_v1(request: web.BaseRequest, services: Services) -> web.StreamResponse:
+    if request.path.startswith("/api/"):
+        # The CLI or SDK given the proxy port. Its address stays unsaid: the admin port is
+        # often private while this one is public.
+        raise ApiError(
+            404,
+            "This is the proxy port of apipool-proxy; accounts, keys and tokens are managed"
+            " on the admin port.",
+            code="wrong_port",
+        )
     raise ApiError(
         404,
         f"Unknown request URL: {request.method} {request.path}. The proxy"
