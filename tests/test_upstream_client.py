@@ -815,6 +815,37 @@ async def test_slowly_arriving_headers_do_not_time_out(
     assert response.headers["X-Slow"] == "yes"
 
 
+@pytest.mark.parametrize("kind", ["many-headers", "one-endless-value", "endless-1xx"])
+async def test_headers_without_end_are_refused_at_a_bound(
+    serve: ServeFactory, client: UpstreamClient, kind: str
+) -> None:
+    # An upstream (its key owner's server, say) sending headers forever must not be able to
+    # grow the proxy's memory: the answer fails once the head passes MAX_HEAD_BYTES.
+    sent = [0]
+
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        start = {"endless-1xx": b"", "many-headers": b"HTTP/1.1 200 OK\r\n"}
+        conn.writer.write(start.get(kind, b"HTTP/1.1 200 OK\r\nX-Long: "))
+        try:
+            for i in range(100_000):  # 50 MB at most; the client gives up long before
+                if kind == "many-headers":
+                    piece = b"X-Filler-%d: %s\r\n" % (i, b"v" * 480)
+                elif kind == "endless-1xx":
+                    piece = b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n" * 8
+                else:
+                    piece = b"v" * 500
+                await conn.send(piece)
+                sent[0] += len(piece)
+        except ConnectionError:
+            pass
+
+    server = await serve(handler)
+    with pytest.raises(UpstreamProtocolError):
+        await client.request("GET", server.url, "/x", NO_HEADERS, b"")
+    assert sent[0] < 4 * 1024 * 1024  # stopped near the bound, not after megabytes
+
+
 async def test_tls_handshake_that_never_ends_hits_the_connect_timeout(
     serve: ServeFactory, make_client: ClientFactory
 ) -> None:

@@ -42,6 +42,10 @@ INFLATE_SLICE = 256 * 1024
 DECODABLE = frozenset(("gzip", "x-gzip", "deflate"))
 # Small requests go out in one write; big ones skip the copy that joining them would cost.
 JOIN_LIMIT = 64 * 1024
+# The most bytes an upstream may send before its answer's headers are complete (1xx
+# answers included). Real ones send a few KiB; without a bound, an upstream sending
+# headers without end would grow the parser's buffers until memory ran out.
+MAX_HEAD_BYTES = 64 * 1024
 
 
 class UpstreamResponse:
@@ -378,6 +382,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._paused = False
         self._last_read = 0.0
+        self._head_bytes = 0  # received for the current answer before its headers ended
         # Set by the client: where a connection goes when its answer was read to the end.
         self.on_reusable: Callable[[UpstreamConnection], None] | None = None
 
@@ -397,6 +402,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         waiter = self.loop.create_future()
         self._headers_waiter = waiter
+        self._head_bytes = 0
         self._last_read = self.loop.time()
         self._watch.add(self)
         if len(body) < JOIN_LIMIT:
@@ -454,6 +460,13 @@ class UpstreamConnection(asyncio.Protocol):
             # Invalid HTTP, a second answer, or a protocol switch nobody asked for.
             self._fail(UpstreamProtocolError())
             self.abort()
+            return
+        if not response.status:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                upstream_log.info("upstream %s sent headers without end", self.origin.host)
+                self._fail(UpstreamProtocolError())
+                self.abort()
             return
         if response._sink is not None:
             response._push()
