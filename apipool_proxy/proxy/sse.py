@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+# The most bytes of an unfinished event held back while waiting for its end. Events are
+# small, a streamed image (base64) a few MiB; past this the tap stops watching and relays
+# bytes as they come, so an upstream that never ends an event cannot fill memory.
+PENDING_LIMIT = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -83,9 +87,12 @@ class UsageTap:
         self.first_event: Any = None
         self._want_first = keep_first_event
         self._pending = b""
+        self._watching = True
 
     def feed(self, chunk: bytes) -> bytes:
         """Take bytes from upstream; return the bytes to send to the caller now."""
+        if not self._watching:
+            return chunk
         data = self._pending + chunk if self._pending else chunk
         if data.endswith(b"\n\n"):
             # The usual case: the upstream sent whole events.
@@ -93,6 +100,10 @@ class UsageTap:
         else:
             end = max(data.rfind(sep) + len(sep) if sep in data else 0 for sep in _EVENT_ENDS)
             if end == 0:
+                if len(data) > PENDING_LIMIT:
+                    self._watching = False  # not SSE as we know it: relay, stop counting
+                    self._pending = b""
+                    return data
                 self._pending = data
                 return b""
             complete, self._pending = data[:end], data[end:]
