@@ -91,6 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_key_commands(commands, [client])
     _add_token_commands(commands, [client])
     _add_usage_command(commands, [client])
+    _add_admin_commands(commands, [client])
     return parser
 
 
@@ -151,6 +152,33 @@ def _add_key_limits(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_admin_commands(commands: Subcommands, parents: list[argparse.ArgumentParser]) -> None:
+    admin = commands.add_parser("admin", help="manage accounts and the pool (admins only)")
+    actions = admin.add_subparsers(title="actions", metavar="ACTION", required=True)
+    _command(actions, "users", _admin_users, "list accounts and their limits", parents)
+    _command(actions, "pool", _admin_pool, "list every key in the pool", parents)
+    approve = _command(
+        actions, "approve", _admin_approve, "let a key on a private host serve everyone", parents
+    )
+    approve.add_argument("key_id", metavar="KEY_ID")
+    for name, handler, summary in (
+        ("disable", _admin_disable, "lock an account out of both ports"),
+        ("enable", _admin_enable, "let a disabled account back in"),
+    ):
+        parser = _command(actions, name, handler, summary, parents)
+        parser.add_argument("user_id", metavar="USER_ID")
+    limits = _command(actions, "limits", _admin_limits, "set an account's limits", parents)
+    limits.add_argument("user_id", metavar="USER_ID")
+    limits.add_argument(
+        "settings",
+        metavar="NAME=N",
+        nargs="*",
+        type=_limit_setting,
+        help="rpm, tpm, daily_tokens or max_concurrent; N=none for unlimited",
+    )
+    limits.add_argument("--reset", action="store_true", help="back to the server's defaults")
+
+
 def _add_token_commands(commands: Subcommands, parents: list[argparse.ArgumentParser]) -> None:
     tokens = commands.add_parser("tokens", help="manage pool tokens for the proxy")
     actions = tokens.add_subparsers(title="actions", metavar="ACTION", required=True)
@@ -173,6 +201,18 @@ def _server_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
         raise argparse.ArgumentTypeError("expected an http:// or https:// URL without credentials")
     return text
+
+
+def _limit_setting(text: str) -> tuple[str, int | None]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=N, got {text!r}")
+    if value.lower() in ("none", "unlimited"):
+        return name, None
+    try:
+        return name, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name}: expected a number or none") from None
 
 
 def _model_list(text: str) -> list[str]:
@@ -305,6 +345,52 @@ def _usage(args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_users(args: argparse.Namespace) -> int:
+    users = _logged_in_client(args).list_users()
+    _print_lines([_user_line(user) for user in users])
+    return 0
+
+
+def _admin_pool(args: argparse.Namespace) -> int:
+    keys = _logged_in_client(args).pool()
+    _print_lines([_pool_key_line(key) for key in keys])
+    return 0
+
+
+def _admin_approve(args: argparse.Namespace) -> int:
+    _logged_in_client(args).approve_key(args.key_id)
+    print(f"Key {args.key_id} approved: it serves every member.")
+    return 0
+
+
+def _admin_disable(args: argparse.Namespace) -> int:
+    _logged_in_client(args).update_user(args.user_id, disabled=True)
+    print(f"User {args.user_id} disabled.")
+    return 0
+
+
+def _admin_enable(args: argparse.Namespace) -> int:
+    _logged_in_client(args).update_user(args.user_id, disabled=False)
+    print(f"User {args.user_id} enabled.")
+    return 0
+
+
+def _admin_limits(args: argparse.Namespace) -> int:
+    if args.reset == bool(args.settings):
+        raise CommandError("give NAME=N settings, or --reset")
+    client = _logged_in_client(args)
+    overrides: dict[str, int | None] = {}
+    if not args.reset:
+        # The server replaces an account's overrides as a whole: keep the ones not named.
+        for user in client.list_users():
+            if str(user.get("user_id")) == str(args.user_id):
+                overrides = dict(user.get("limit_overrides") or {})
+        overrides.update(args.settings)
+    user = client.update_user(args.user_id, limits=overrides)
+    print(f"User {args.user_id} limits: {_limits_text(user.get('limits') or {})}")
+    return 0
+
+
 # Token file and prompts
 
 
@@ -364,6 +450,37 @@ def _key_line(key: dict[str, Any]) -> str:
     }
     if key.get("daily_tokens") is not None:
         fields["tokens_today"] = f"{key.get('tokens_today')}/{key['daily_tokens']}"
+    return f"- {key.get('masked_key')}  " + "  ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def _user_line(user: dict[str, Any]) -> str:
+    fields = {
+        "id": user.get("user_id"),
+        "username": user.get("username"),
+        "admin": "yes" if user.get("is_admin") else "no",
+        "disabled": "yes" if user.get("disabled") else "no",
+        "keys": user.get("keys"),
+        "limits": _limits_text(user.get("limits") or {}),
+    }
+    return "- " + "  ".join(f"{k}={v}" for k, v in fields.items())
+
+
+def _limits_text(limits: dict[str, Any]) -> str:
+    given = [f"{name}:{value}" for name, value in sorted(limits.items()) if value is not None]
+    return ",".join(given) or "none"
+
+
+def _pool_key_line(key: dict[str, Any]) -> str:
+    fields = {
+        "id": key.get("id"),
+        "owner": key.get("owner"),
+        "base_url": key.get("base_url"),
+        "status": key.get("status"),
+        "visibility": key.get("visibility"),
+        "in_flight": key.get("in_flight"),
+        "requests_today": key.get("requests_today"),
+        "tokens_today": key.get("tokens_today"),
+    }
     return f"- {key.get('masked_key')}  " + "  ".join(f"{k}={v}" for k, v in fields.items())
 
 

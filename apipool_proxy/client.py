@@ -184,6 +184,26 @@ class APIPoolClient:
         """Revoke a pool token; the proxy refuses it from then on."""
         self._admin("DELETE", f"/api/tokens/{_segment(token_id)}")
 
+    # Administration (admins only)
+
+    def list_users(self) -> list[dict[str, Any]]:
+        """Return every account with its effective limits and overrides."""
+        return _field(self._admin("GET", "/api/admin/users"), "users")
+
+    def update_user(self, user_id: int | str, **fields: Any) -> dict[str, Any]:
+        """Change an account and return it. Fields: disabled, is_admin, and limits (the
+        account's overrides, replacing the ones it had: ``{"rpm": 20}``, None for unlimited,
+        ``{}`` for the defaults)."""
+        return self._admin("PATCH", f"/api/admin/users/{_segment(user_id)}", fields)
+
+    def pool(self) -> list[dict[str, Any]]:
+        """Return every key in the pool (masked) with its owner, state and use today."""
+        return _field(self._admin("GET", "/api/admin/pool"), "keys")
+
+    def approve_key(self, key_id: int | str) -> dict[str, Any]:
+        """Let a key on a host outside the shared hosts serve every member."""
+        return self._admin("POST", f"/api/admin/keys/{_segment(key_id)}/approve")
+
     # Usage and server
 
     def usage(

@@ -105,3 +105,54 @@ def test_token_file_path_from_environment(served, tmp_path: Path):
     result = run_cli(["whoami"], cwd=tmp_path, env=env)
     assert result.stdout.startswith("dave")
     os.remove(token_path)
+
+
+def test_admin_commands_manage_accounts_and_the_pool(tmp_path: Path):
+    config = "upstream: {allow_private_networks: true}\nauth: {admins: [root]}\n"
+    root, alice = tmp_path / "root", tmp_path / "alice"
+    root.mkdir()
+    alice.mkdir()
+    with ServerProcess(tmp_path, config) as served:
+        for who, workdir in (("root", root), ("alice", alice)):
+            assert cli(served, workdir, "register", who, PASSWORD).returncode == 0
+            assert cli(served, workdir, "login", who, PASSWORD).returncode == 0
+        result = cli(
+            served,
+            alice,
+            "add-key",
+            "sk-alices-own-key-0001",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+        )
+        assert "visibility=private" in result.stdout
+
+        # A member is told, in one line, that these are for admins.
+        result = cli(served, alice, "admin", "users")
+        assert result.returncode == 1 and result.stderr.startswith("Error: ")
+
+        result = cli(served, root, "admin", "users")
+        assert result.returncode == 0, result.stderr
+        assert "- id=2  username=alice  admin=no  disabled=no  keys=1  limits=none" in result.stdout
+
+        result = cli(served, root, "admin", "pool")
+        assert "owner=alice" in result.stdout and "visibility=private" in result.stdout
+        assert "sk-alices-own-key-0001" not in result.stdout
+        result = cli(served, root, "admin", "approve", "1")
+        assert result.stdout.strip() == "Key 1 approved: it serves every member."
+        assert "visibility=approved" in cli(served, root, "admin", "pool").stdout
+
+        # Limits add up: setting one keeps the others.
+        cli(served, root, "admin", "limits", "2", "rpm=5")
+        result = cli(served, root, "admin", "limits", "2", "daily_tokens=1000")
+        assert result.stdout.strip() == "User 2 limits: daily_tokens:1000,rpm:5"
+        result = cli(served, root, "admin", "limits", "2", "rpm=none")
+        assert result.stdout.strip() == "User 2 limits: daily_tokens:1000"
+        result = cli(served, root, "admin", "limits", "2", "rpm=lots")
+        assert result.returncode == 2 and "expected a number" in result.stderr
+        result = cli(served, root, "admin", "limits", "2", "--reset")
+        assert result.stdout.strip() == "User 2 limits: none"
+
+        assert cli(served, root, "admin", "disable", "2").stdout.strip() == "User 2 disabled."
+        assert cli(served, alice, "whoami").returncode == 1  # locked out at once
+        assert cli(served, root, "admin", "enable", "2").stdout.strip() == "User 2 enabled."
+        assert cli(served, alice, "whoami").stdout.startswith("alice")
