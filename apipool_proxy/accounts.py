@@ -171,8 +171,7 @@ class Accounts:
         for row in await self.db.all_users():
             user = _user_from_row(row)
             if user.username.lower() in admins and not user.is_admin:
-                user.is_admin = True
-                await self._save_user(user)
+                await self.update_user(user, is_admin=True)
             self.users[user.id] = user
         for row in await self.db.live_tokens(now):
             self._tokens[row["token_hash"]] = Token(
@@ -355,18 +354,16 @@ class Accounts:
         is_admin: bool | None = None,
         limits: dict[str, int | None] | None = None,
     ) -> User:
-        if disabled is not None:
-            user.disabled = disabled
-        if is_admin is not None:
-            user.is_admin = is_admin
-        if limits is not None:
-            user.limits = limits
-        await self._save_user(user)
+        disabled = user.disabled if disabled is None else disabled
+        is_admin = user.is_admin if is_admin is None else is_admin
+        limits = user.limits if limits is None else limits
+        # Written first: a failed write must not leave the account changed in memory only
+        # (a disabled account would come back at the next restart).
+        await self.db.save_user_flags(
+            user.id, is_admin, disabled, json.dumps(limits) if limits else None
+        )
+        user.disabled, user.is_admin, user.limits = disabled, is_admin, limits
         return user
-
-    async def _save_user(self, user: User) -> None:
-        limits = json.dumps(user.limits) if user.limits else None
-        await self.db.save_user_flags(user.id, user.is_admin, user.disabled, limits)
 
 
 def _user_from_row(row: Any) -> User:
