@@ -161,12 +161,13 @@ def _add_admin_commands(commands: Subcommands, parents: list[argparse.ArgumentPa
         actions, "approve", _admin_approve, "let a key on a private host serve everyone", parents
     )
     approve.add_argument("key_id", metavar="KEY_ID")
-    for name, handler, summary in (
-        ("disable", _admin_disable, "lock an account out of both ports"),
-        ("enable", _admin_enable, "let a disabled account back in"),
+    for name, disabled, summary in (
+        ("disable", True, "lock an account out of both ports"),
+        ("enable", False, "let a disabled account back in"),
     ):
-        parser = _command(actions, name, handler, summary, parents)
+        parser = _command(actions, name, _admin_set_disabled, summary, parents)
         parser.add_argument("user_id", metavar="USER_ID")
+        parser.set_defaults(disabled=disabled)
     limits = _command(actions, "limits", _admin_limits, "set an account's limits", parents)
     limits.add_argument("user_id", metavar="USER_ID")
     limits.add_argument(
@@ -363,15 +364,9 @@ def _admin_approve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _admin_disable(args: argparse.Namespace) -> int:
-    _logged_in_client(args).update_user(args.user_id, disabled=True)
-    print(f"User {args.user_id} disabled.")
-    return 0
-
-
-def _admin_enable(args: argparse.Namespace) -> int:
-    _logged_in_client(args).update_user(args.user_id, disabled=False)
-    print(f"User {args.user_id} enabled.")
+def _admin_set_disabled(args: argparse.Namespace) -> int:
+    _logged_in_client(args).update_user(args.user_id, disabled=args.disabled)
+    print(f"User {args.user_id} {'disabled' if args.disabled else 'enabled'}.")
     return 0
 
 
