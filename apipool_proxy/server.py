@@ -280,12 +280,19 @@ def _is_loopback(host: str) -> bool:
         return False  # a name: whatever it resolves to, assume others can reach it
 
 
+# Connections the kernel may hold for the server to accept. aiohttp's default (128) can be
+# overrun when hundreds of clients connect at once while the loop is busy; the kernel then
+# drops their handshakes, and each dropped one costs its client a second of retransmission.
+# The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 2048
+
+
 async def _start(
     runners: list[web.BaseRunner], runner: web.BaseRunner, host: str, port: int
 ) -> int:
     await runner.setup()
     runners.append(runner)
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
     try:
         await site.start()
     except OSError as exc:

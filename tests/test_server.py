@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import resource
+import shutil
 import signal
 import stat
 import subprocess
@@ -214,6 +215,24 @@ async def test_sigterm_lets_an_in_flight_stream_finish(tmp_path):
             if server.proc is not None and server.proc.poll() is None:
                 server.proc.kill()
             server.proc = None
+
+
+def _listen_backlog(port: int) -> int:
+    """The accept backlog of the socket listening on ``port``, as ``ss`` reports it (the
+    Send-Q column of a listening socket)."""
+    listing = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout
+    return int(listing.split()[2])
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="needs ss (iproute2)")
+async def test_both_ports_take_a_burst_of_new_connections(start_server):
+    # aiohttp's default backlog of 128 drops handshakes when hundreds connect at once.
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    async with start_server() as server:
+        for port in (server.proxy_port, server.admin_port):
+            assert _listen_backlog(port) == min(2048, somaxconn)
 
 
 @pytest.mark.parametrize("port", ["proxy", "admin"])
