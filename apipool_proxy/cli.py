@@ -194,7 +194,10 @@ def _add_usage_command(commands: Subcommands, parents: list[argparse.ArgumentPar
     usage = _command(commands, "usage", _usage, "show your token usage", parents)
     usage.add_argument("--since", metavar="DATE", help="ISO 8601 date or time")
     usage.add_argument("--until", metavar="DATE", help="ISO 8601 date or time")
-    usage.add_argument("--group-by", choices=("day", "model", "key"), default="day")
+    usage.add_argument(
+        "--group-by", choices=("day", "model", "key", "user"), default="day", help="user: admins"
+    )
+    usage.add_argument("--all", action="store_true", help="everyone's usage (admins only)")
 
 
 def _server_url(text: str) -> str:
@@ -336,7 +339,9 @@ def _revoke_token(args: argparse.Namespace) -> int:
 
 def _usage(args: argparse.Namespace) -> int:
     client = _logged_in_client(args)
-    report = client.usage(since=args.since, until=args.until, group_by=args.group_by)
+    report = client.usage(
+        since=args.since, until=args.until, group_by=args.group_by, everyone=args.all
+    )
     _print_lines(_usage_table(report.get("rows") or [], args.group_by))
     contributed = report.get("contributed") or []
     if contributed:

@@ -211,14 +211,18 @@ class APIPoolClient:
         since: str | date | None = None,
         until: str | date | None = None,
         group_by: str = "day",
+        everyone: bool = False,
     ) -> dict[str, Any]:
-        """Return your usage grouped by "day", "model" or "key".
+        """Return your usage grouped by "day", "model" or "key" ("user" too, for admins).
 
         The reply holds ``rows`` (your requests) and ``contributed`` (others' requests served
         by your keys), each row ``{group, requests, prompt_tokens, completion_tokens,
         total_tokens}``. since and until are ISO 8601 dates or times, or date objects.
+        everyone (admins only) makes ``rows`` cover every member's requests.
         """
         query = _given(since=_iso(since), until=_iso(until), group_by=group_by)
+        if everyone:
+            query["all"] = "true"
         return self._admin("GET", "/api/usage?" + urllib.parse.urlencode(query))
 
     def info(self) -> dict[str, Any]:

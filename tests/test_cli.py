@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from apipool_proxy import APIPoolClient, APIPoolError
+
 from .support import PASSWORD, ServerProcess, run_cli
 
 
@@ -151,6 +153,16 @@ def test_admin_commands_manage_accounts_and_the_pool(tmp_path: Path):
         assert result.returncode == 2 and "expected a number" in result.stderr
         result = cli(served, root, "admin", "limits", "2", "--reset")
         assert result.stdout.strip() == "User 2 limits: none"
+
+        # Everyone's usage by member: alice's request (to a dead upstream) has its row.
+        member = APIPoolClient(served.admin_url, token=(alice / ".auth_token").read_text().strip())
+        with pytest.raises(APIPoolError):
+            member.chat_completions("gpt-4o-mini", [{"role": "user", "content": "hi"}])
+        result = cli(served, root, "usage", "--all", "--group-by", "user")
+        assert result.stdout.splitlines()[0].split()[:2] == ["user", "requests"]
+        assert result.stdout.splitlines()[2].split()[:2] == ["alice", "1"]
+        result = cli(served, alice, "usage", "--group-by", "user")
+        assert result.returncode == 1 and result.stderr.startswith("Error: ")
 
         assert cli(served, root, "admin", "disable", "2").stdout.strip() == "User 2 disabled."
         assert cli(served, alice, "whoami").returncode == 1  # locked out at once
