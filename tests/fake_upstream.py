@@ -1311,7 +1311,8 @@ class FakeUpstream:
 
     async def _realtime(self, request: web.Request) -> web.StreamResponse:
         """Echo WebSocket frames: text as ``{"type": "echo", "data": ...}``, binary as is."""
-        ws = web.WebSocketResponse(protocols=("realtime",))
+        # No message size bound of its own: the proxy's is the one tests see.
+        ws = web.WebSocketResponse(protocols=("realtime",), max_msg_size=0)
         await self._prepare(request, ws)
         frames = 0
         async for message in ws:

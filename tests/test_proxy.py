@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import openai
 import pytest
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from yarl import URL
 
 from apipool_proxy.netguard import AddressPolicy
@@ -573,6 +574,19 @@ async def test_every_answer_names_the_server_without_versions(pool: Pool, http):
     async with http.ws_connect(url, headers=pool.alice.auth) as ws:
         assert ws._response.headers.getall("Server") == ["apipool-proxy"]
         assert ws._response.headers["x-request-id"].startswith("req_")
+
+
+async def test_websocket_messages_are_bounded(pool: Pool, http):
+    # A message is held whole before it is passed on: one without bound could fill memory.
+    url = pool.server.proxy_url.replace("http", "ws") + "/realtime?model=gpt-4o-realtime-preview"
+    async with http.ws_connect(url, headers=pool.alice.auth, max_msg_size=0) as ws:
+        await ws.send_bytes(b"a" * (1 << 20))
+        assert len((await ws.receive(timeout=5)).data) == 1 << 20  # a large one passes
+        with contextlib.suppress(ConnectionError):  # the proxy may hang up mid-message
+            await ws.send_bytes(b"b" * (17 << 20))
+        ending = await ws.receive(timeout=5)
+        assert ending.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.ERROR), ending
+    assert ws.closed  # the upstream, which takes any size, never got it to echo back
 
 
 async def test_websocket_sessions_count_against_concurrency_limits(start_server, http):

@@ -38,6 +38,12 @@ _HANDSHAKE = frozenset(
     )
 )
 
+# The largest WebSocket message either side may send. A message is held whole before it is
+# passed on, so without a bound one side could fill the proxy's memory; Realtime API
+# messages (events, base64 audio of a second or so) are far smaller. Past it the session
+# closes with 1009 (message too big).
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
 _CALLER_PROTOCOL_PREFIXES = (
     "openai-insecure-api-key.",
     "openai-organization.",
@@ -65,7 +71,11 @@ async def relay_websocket(
     try:
         try:
             upstream = await services.websockets.connect(
-                url, headers=headers, protocols=protocols, autoping=False, max_msg_size=0
+                url,
+                headers=headers,
+                protocols=protocols,
+                autoping=False,
+                max_msg_size=MAX_MESSAGE_BYTES,
             )
         except aiohttp.WSServerHandshakeError as exc:
             # The refusal's body is not kept by aiohttp: judged by status and headers.
@@ -86,7 +96,7 @@ async def relay_websocket(
             caller = web.WebSocketResponse(
                 protocols=[upstream.protocol] if upstream.protocol else (),
                 autoping=False,
-                max_msg_size=0,
+                max_msg_size=MAX_MESSAGE_BYTES,
             )
             add_exchange_headers(request, caller, exchange)
             await caller.prepare(request)
