@@ -145,10 +145,10 @@ def _add_key_commands(commands: Subcommands, parents: list[argparse.ArgumentPars
 def _add_key_limits(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", metavar="A,B", type=_model_list, help="comma-separated")
     parser.add_argument("--label", metavar="LABEL")
-    parser.add_argument("--max-concurrent", metavar="N", type=int)
-    parser.add_argument("--rpm", metavar="N", type=int, help="requests per minute")
+    parser.add_argument("--max-concurrent", metavar="N", type=_cap, help="none: no cap")
+    parser.add_argument("--rpm", metavar="N", type=_cap, help="requests per minute")
     parser.add_argument(
-        "--daily-tokens", metavar="N", type=int, help="tokens the key serves per day (UTC)"
+        "--daily-tokens", metavar="N", type=_cap, help="tokens the key serves per day (UTC)"
     )
 
 
@@ -205,6 +205,23 @@ def _server_url(text: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
         raise argparse.ArgumentTypeError("expected an http:// or https:// URL without credentials")
     return text
+
+
+# What a cap option holds when the user typed "none": sent as null, which removes the cap.
+_NO_CAP = "none"
+
+
+def _cap(text: str) -> int | str:
+    if text.lower() in ("none", "unlimited"):
+        return _NO_CAP
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected a number or none") from None
+
+
+def _cap_value(value: Any) -> Any:
+    return None if value == _NO_CAP else value
 
 
 def _limit_setting(text: str) -> tuple[str, int | None]:
@@ -276,9 +293,9 @@ def _add_key(args: argparse.Namespace) -> int:
         base_url=args.base_url,
         models=args.models or None,
         label=args.label,
-        max_concurrent=args.max_concurrent,
-        rpm=args.rpm,
-        daily_tokens=args.daily_tokens,
+        max_concurrent=_cap_value(args.max_concurrent),
+        rpm=_cap_value(args.rpm),
+        daily_tokens=_cap_value(args.daily_tokens),
     )
     print("Key added successfully.")
     print(_key_line(key))
@@ -304,6 +321,9 @@ def _update_key(args: argparse.Namespace) -> int:
         for name in ("label", "models", "enabled", "max_concurrent", "rpm", "daily_tokens")
         if getattr(args, name) is not None
     }
+    for cap in ("max_concurrent", "rpm", "daily_tokens"):
+        if cap in fields:
+            fields[cap] = _cap_value(fields[cap])
     if not fields:
         raise CommandError("nothing to update (give --label, --models, --enable, --disable, ...)")
     _logged_in_client(args).update_key(args.key_id, **fields)

@@ -60,6 +60,8 @@ def test_walkthrough_register_login_add_list_logout(served, tmp_path: Path):
     assert (result.returncode, result.stdout.strip()) == (0, "Key 1 updated."), result.stderr
     result = cli(served, work, "list-keys")
     assert "tokens_today=0/50000" in result.stdout
+    assert cli(served, work, "update-key", "1", "--daily-tokens", "none").returncode == 0
+    assert "tokens_today" not in cli(served, work, "list-keys").stdout  # the cap is gone
 
     token = token_file.read_text().strip()
     result = cli(served, work, "logout")
