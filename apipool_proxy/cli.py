@@ -156,6 +156,11 @@ def _add_admin_commands(commands: Subcommands, parents: list[argparse.ArgumentPa
     admin = commands.add_parser("admin", help="manage accounts and the pool (admins only)")
     actions = admin.add_subparsers(title="actions", metavar="ACTION", required=True)
     _command(actions, "users", _admin_users, "list accounts and their limits", parents)
+    create = _command(
+        actions, "create-user", _admin_create_user, "create an account for someone", parents
+    )
+    create.add_argument("username", metavar="USER")
+    create.add_argument("password", metavar="PASS", nargs="?", help="asked when left out")
     _command(actions, "pool", _admin_pool, "list every key in the pool", parents)
     approve = _command(
         actions, "approve", _admin_approve, "let a key on a private host serve everyone", parents
@@ -368,6 +373,14 @@ def _usage(args: argparse.Namespace) -> int:
         print()
         print("Used from your keys by others:")
         _print_lines(_usage_table(contributed, args.group_by))
+    return 0
+
+
+def _admin_create_user(args: argparse.Namespace) -> int:
+    client = _logged_in_client(args)
+    password = args.password if args.password is not None else _ask("Password: ")
+    user_id = client.register(args.username, password)
+    print(f"Created user {args.username}. User ID: {user_id}")
     return 0
 
 

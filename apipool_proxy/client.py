@@ -90,7 +90,11 @@ class APIPoolClient:
     # Account
 
     def register(self, username: str, password: str) -> int:
-        """Create an account and return its user id. It does not log in: call login() next."""
+        """Create an account and return its user id. It does not log in: call login() next.
+
+        From a client logged in as an admin this creates the account for someone else, also
+        while registration is closed.
+        """
         body = {"username": username, "password": password}
         reply = self._admin("POST", "/api/register", body, need_token=False)
         return int(_field(reply, "user_id"))
@@ -299,7 +303,9 @@ class APIPoolClient:
         return self.token
 
     def _admin(self, method: str, path: str, body: Any = None, *, need_token: bool = True) -> Any:
-        token = self._require_token() if need_token else None
+        # Sent when the client has one even where none is needed: an admin's token makes a
+        # registration the admin's, which closed registration allows.
+        token = self._require_token() if need_token else (self.token or None)
         return self._call(method, self.server_url + path, body, token)
 
     def _proxy_endpoint(self, path: str) -> str:

@@ -112,14 +112,22 @@ def test_token_file_path_from_environment(served, tmp_path: Path):
 
 
 def test_admin_commands_manage_accounts_and_the_pool(tmp_path: Path):
-    config = "upstream: {allow_private_networks: true}\nauth: {admins: [root]}\n"
+    config = (
+        "upstream: {allow_private_networks: true}\n"
+        "auth: {admins: [root], open_registration: false}\n"
+    )
     root, alice = tmp_path / "root", tmp_path / "alice"
     root.mkdir()
     alice.mkdir()
     with ServerProcess(tmp_path, config) as served:
-        for who, workdir in (("root", root), ("alice", alice)):
-            assert cli(served, workdir, "register", who, PASSWORD).returncode == 0
-            assert cli(served, workdir, "login", who, PASSWORD).returncode == 0
+        # Registration is closed: the named admin bootstraps, then creates the others.
+        assert cli(served, root, "register", "root", PASSWORD).returncode == 0
+        assert cli(served, root, "login", "root", PASSWORD).returncode == 0
+        result = cli(served, alice, "register", "alice", PASSWORD)
+        assert result.returncode == 1 and "Registration is closed" in result.stderr
+        result = cli(served, root, "admin", "create-user", "alice", PASSWORD)
+        assert result.stdout.strip() == "Created user alice. User ID: 2", result.stderr
+        assert cli(served, alice, "login", "alice", PASSWORD).returncode == 0
         result = cli(
             served,
             alice,
