@@ -87,6 +87,19 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     serve = _command(commands, "serve", _serve, "run the proxy and admin server", [])
     serve.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    rotate = _command(
+        commands,
+        "rotate-master-key",
+        _rotate_master_key,
+        "re-encrypt the stored upstream keys under a new master key (server stopped)",
+        [],
+    )
+    rotate.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    rotate.add_argument(
+        "--new-key-file",
+        metavar="FILE",
+        help="where the new key goes when the current one comes from APIPOOL_MASTER_KEY",
+    )
     _add_account_commands(commands, [client])
     _add_key_commands(commands, [client])
     _add_token_commands(commands, [client])
@@ -254,6 +267,21 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import run
 
     return run(args.config)
+
+
+def _rotate_master_key(args: argparse.Namespace) -> int:
+    # Imported here, like the server: account commands need none of this.
+    from .config import ConfigError, load_settings
+    from .crypto import MasterKeyError
+    from .rotation import RotationError, rotate_master_key
+
+    path = args.config or os.environ.get("APIPOOL_CONFIG")
+    try:
+        settings = load_settings(path, os.environ)
+        print(rotate_master_key(settings, os.environ, args.new_key_file))
+    except (ConfigError, RotationError, MasterKeyError) as exc:
+        raise CommandError(str(exc)) from None
+    return 0
 
 
 def _register(args: argparse.Namespace) -> int:

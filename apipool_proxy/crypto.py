@@ -66,7 +66,17 @@ def _decode_master_key(text: str, source: str) -> bytes:
 
 
 def _create_master_key_file(path: Path) -> bytes:
-    key = AESGCM.generate_key(bit_length=256)
+    key = new_master_key()
+    write_master_key_file(path, key)
+    return key
+
+
+def new_master_key() -> bytes:
+    return AESGCM.generate_key(bit_length=256)
+
+
+def write_master_key_file(path: Path, key: bytes) -> None:
+    """Write ``key`` to a new file, mode 0600, synced to disk with its directory entry."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_EXCL: never overwrite a key file that appeared meanwhile; 0600 from the start.
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -74,7 +84,16 @@ def _create_master_key_file(path: Path) -> bytes:
         out.write(base64.urlsafe_b64encode(key).decode("ascii") + "\n")
         out.flush()
         os.fsync(out.fileno())
-    return key
+    sync_directory(path.parent)
+
+
+def sync_directory(directory: Path) -> None:
+    """Make a file's creation or renaming in ``directory`` survive a power loss."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class KeyCipher:

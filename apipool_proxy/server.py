@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .objects import ObjectRegistry, expire_stored_outputs, saver
 from .pool import KeyPool, KeyStatus
 from .proxy import build_proxy_server
+from .rotation import pending_key_path
 from .state import Services
 from .storage import Database, StorageError
 from .tasks import BackgroundTasks
@@ -99,7 +100,13 @@ async def _load(
     try:
         await keys.load()
     except MasterKeyError as exc:
-        raise StartupError(str(exc)) from None
+        message = str(exc)
+        if pending_key_path(settings.security.master_key_file).exists():
+            message += (
+                "; a master key rotation was interrupted: run 'apipool rotate-master-key'"
+                " to finish it"
+            )
+        raise StartupError(message) from None
     limiter = Limiter(settings.limits)
     now = time.time()
     await keys.seed_budgets(now)

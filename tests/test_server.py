@@ -168,6 +168,107 @@ def test_master_key_file_is_private_and_required(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def _server_with_keys(tmp_path: Path, owners: int = 2) -> ServerProcess:
+    """A stopped server whose database holds one upstream key per owner."""
+    server = ServerProcess(tmp_path, "upstream: {allow_private_networks: true}\n").start()
+    for index in range(owners):
+        creds = {"username": f"owner{index}", "password": PASSWORD}
+        call(server.admin_url + "/api/register", "POST", creds)
+        token = call(server.admin_url + "/api/login", "POST", creds)[1]["token"]
+        key = {"key": f"sk-rotated-key-{index:04d}", "base_url": "http://127.0.0.1:9/v1"}
+        assert call(server.admin_url + "/api/keys", "POST", key, token)[0] == 201
+    server.stop()
+    return server
+
+
+def test_rotating_the_master_key_re_encrypts_every_stored_key(tmp_path):
+    server = _server_with_keys(tmp_path)
+    key_file = tmp_path / "master.key"
+    old_key = key_file.read_text()
+
+    result = run_cli(["rotate-master-key", "--config", str(server.config)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Re-encrypted 2 upstream key(s)" in result.stdout
+    assert key_file.read_text() != old_key
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert not (tmp_path / "master.key.new").exists()
+    assert old_key.strip() not in result.stdout + result.stderr  # keys are never printed
+
+    # The server starts (it decrypts every key at startup) and still knows each key.
+    server.start()
+    try:
+        creds = {"username": "owner1", "password": PASSWORD}
+        token = call(server.admin_url + "/api/login", "POST", creds)[1]["token"]
+        keys = call(server.admin_url + "/api/keys", token=token)[1]["keys"]
+        assert [k["masked_key"] for k in keys] == ["sk-ro...0001"]
+        again = {"key": "sk-rotated-key-0001", "base_url": "http://127.0.0.1:9/v1"}
+        assert call(server.admin_url + "/api/keys", "POST", again, token)[0] == 409
+        # Refused while the server runs: it holds the key in memory.
+        result = run_cli(["rotate-master-key", "--config", str(server.config)], cwd=tmp_path)
+        assert result.returncode == 1 and "stop the server first" in result.stderr
+    finally:
+        server.stop()
+    # The old key opens nothing any more.
+    env = {"APIPOOL_MASTER_KEY": old_key.strip()}
+    result = run_cli(["serve", "--config", str(server.config)], cwd=tmp_path, env=env)
+    assert result.returncode == 1 and "master key" in result.stderr
+
+
+def test_an_interrupted_rotation_is_named_at_startup_and_finished_by_running_it_again(
+    tmp_path,
+):
+    server = _server_with_keys(tmp_path, owners=1)
+    key_file, pending = tmp_path / "master.key", tmp_path / "master.key.new"
+    old_key = key_file.read_text()
+    assert run_cli(["rotate-master-key", "--config", str(server.config)], cwd=tmp_path).stdout
+    # The state a crash between the database commit and the key file's replacement leaves.
+    pending.write_text(key_file.read_text())
+    pending.chmod(0o600)
+    key_file.write_text(old_key)
+
+    result = run_cli(["serve", "--config", str(server.config)], cwd=tmp_path)
+    assert result.returncode == 1 and "rotate-master-key" in result.stderr
+    result = run_cli(["rotate-master-key", "--config", str(server.config)], cwd=tmp_path)
+    assert result.returncode == 0 and "Finished an interrupted rotation" in result.stdout
+    assert not pending.exists()
+    server.start().stop()  # the database opens again
+
+    # A new key written before a rotation that never reached the database is dropped.
+    pending.write_text("A" * 43 + "=\n")
+    result = run_cli(["rotate-master-key", "--config", str(server.config)], cwd=tmp_path)
+    assert result.returncode == 0 and "Re-encrypted 1 upstream key(s)" in result.stdout
+    server.start().stop()
+
+
+def test_rotating_a_master_key_given_in_the_environment_writes_the_new_one_to_a_file(
+    tmp_path,
+):
+    key = "B" * 43 + "="
+    server = ServerProcess(
+        tmp_path, "upstream: {allow_private_networks: true}\n", env={"APIPOOL_MASTER_KEY": key}
+    ).start()
+    creds = {"username": "owner", "password": PASSWORD}
+    call(server.admin_url + "/api/register", "POST", creds)
+    token = call(server.admin_url + "/api/login", "POST", creds)[1]["token"]
+    new_key = {"key": "sk-env-key-0001", "base_url": "http://127.0.0.1:9/v1"}
+    call(server.admin_url + "/api/keys", "POST", new_key, token)
+    server.stop()
+    env = {"APIPOOL_MASTER_KEY": key}
+    config = str(server.config)
+    result = run_cli(["rotate-master-key", "--config", config], cwd=tmp_path, env=env)
+    assert result.returncode == 1 and "--new-key-file" in result.stderr
+    target = tmp_path / "new.key"
+    result = run_cli(
+        ["rotate-master-key", "--config", config, "--new-key-file", str(target)],
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0 and "Set APIPOOL_MASTER_KEY" in result.stdout
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    server.env["APIPOOL_MASTER_KEY"] = target.read_text().strip()
+    server.start().stop()
+
+
 async def test_sigterm_lets_an_in_flight_stream_finish(tmp_path):
     import asyncio
 
