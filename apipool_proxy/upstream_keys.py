@@ -19,8 +19,7 @@ from .config import Settings
 from .errors import ApiError
 from .limits import today_start
 from .log import admin_log, pool_log, redact, secrets
-from .pool import KeyPool, KeyStatus, Outcome, PooledKey
-from .pool.health import classify_response
+from .pool import KeyPool, KeyStatus, Outcome, PooledKey, classify_response
 from .storage import Database
 from .upstream import UpstreamClient, UpstreamError, header_block
 
