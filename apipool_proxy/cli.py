@@ -7,6 +7,7 @@ one ``Error: ...`` line to stderr and exits with status 1 (130 when interrupted)
 import argparse
 import contextlib
 import getpass
+import json
 import os
 import sys
 import urllib.parse
@@ -511,6 +512,12 @@ def _key_line(key: dict[str, Any]) -> str:
     }
     if key.get("daily_tokens") is not None:
         fields["tokens_today"] = f"{key.get('tokens_today')}/{key['daily_tokens']}"
+    if key.get("status") != "active":
+        # Why the key rests, and until when: what its owner needs to act on.
+        if key.get("cooldown_until"):
+            fields["until"] = key["cooldown_until"]
+        if key.get("last_error"):
+            fields["error"] = json.dumps(" ".join(str(key["last_error"]).split())[:200])
     return f"- {key.get('masked_key')}  " + "  ".join(f"{k}={v}" for k, v in fields.items())
 
 

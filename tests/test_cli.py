@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,37 @@ def test_admin_commands_manage_accounts_and_the_pool(tmp_path: Path):
         assert cli(served, alice, "whoami").returncode == 1  # locked out at once
         assert cli(served, root, "admin", "enable", "2").stdout.strip() == "User 2 enabled."
         assert cli(served, alice, "whoami").stdout.startswith("alice")
+
+
+def test_list_keys_says_why_a_key_rests(served, tmp_path: Path):
+    # An upstream that turns every key down, as OpenAI does a revoked one.
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the standard library's name)
+            body = (
+                b'{"error": {"message": "Incorrect API key provided", "code": "invalid_api_key"}}'
+            )
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        assert cli(served, tmp_path, "register", "bob", PASSWORD).returncode == 0
+        assert cli(served, tmp_path, "login", "bob", PASSWORD).returncode == 0
+        base_url = f"http://127.0.0.1:{upstream.server_address[1]}/v1"
+        added = cli(served, tmp_path, "add-key", "sk-revoked-key-0001", "--base-url", base_url)
+        assert added.returncode == 0, added.stderr
+        result = cli(served, tmp_path, "check-key", "1")
+        assert result.stdout.strip() == "Key 1 is invalid."
+        line = cli(served, tmp_path, "list-keys").stdout.splitlines()[1]
+        assert "status=invalid" in line
+        assert 'error="upstream answered 401 to GET /models"' in line
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
