@@ -135,6 +135,8 @@ PASSWORD_QUEUE = 64
 MAX_SESSIONS = 20
 # Named API tokens per user.
 MAX_API_TOKENS = 100
+# The longest lifetime an API token may be given (one without is valid until revoked).
+MAX_TOKEN_DAYS = 3650
 
 
 def _refuse_if_throttled(
@@ -310,21 +312,49 @@ class Accounts:
         self._tokens.pop(token.token_hash, None)
         await self.db.revoke_token(token.id, time.time())
 
-    async def create_api_token(self, user: User, name: Any) -> tuple[str, Token]:
+    async def create_api_token(
+        self, user: User, name: Any, expires_in_days: Any = None
+    ) -> tuple[str, Token]:
+        """A long-lived token for an application; it expires after ``expires_in_days``
+        when given (a number of days, fractions allowed, up to ten years)."""
         if not isinstance(name, str) or not 1 <= len(name) <= 64 or not name.isprintable():
             raise ApiError(
                 400, "'name' must be 1-64 printable characters.", param="name", code="invalid_value"
             )
+        expires_at = None
+        if expires_in_days is not None:
+            if (
+                not isinstance(expires_in_days, int | float)
+                or isinstance(expires_in_days, bool)
+                or not 0 < expires_in_days <= MAX_TOKEN_DAYS
+            ):
+                raise ApiError(
+                    400,
+                    f"'expires_in_days' must be a number of days above 0, at most"
+                    f" {MAX_TOKEN_DAYS}.",
+                    param="expires_in_days",
+                    code="invalid_value",
+                )
+            expires_at = time.time() + expires_in_days * 86400
         if len(self.api_tokens(user)) >= MAX_API_TOKENS:
             raise ApiError(
                 403,
                 f"You already have {MAX_API_TOKENS} API tokens; revoke one first.",
                 code="too_many_tokens",
             )
-        return await self._issue(user, "api", name, None)
+        return await self._issue(user, "api", name, expires_at)
 
     def api_tokens(self, user: User) -> list[Token]:
-        found = [t for t in self._tokens.values() if t.user_id == user.id and t.kind == "api"]
+        """The user's API tokens that still work (expired ones are forgotten here)."""
+        now = time.time()
+        found = []
+        for token in list(self._tokens.values()):
+            if token.user_id != user.id or token.kind != "api":
+                continue
+            if token.expires_at is not None and now >= token.expires_at:
+                self._tokens.pop(token.token_hash, None)
+                continue
+            found.append(token)
         return sorted(found, key=lambda t: t.id)
 
     def find_token(self, user: User, token_id: int) -> Token | None:

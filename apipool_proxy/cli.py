@@ -204,6 +204,12 @@ def _add_token_commands(commands: Subcommands, parents: list[argparse.ArgumentPa
     actions = tokens.add_subparsers(title="actions", metavar="ACTION", required=True)
     create = _command(actions, "create", _create_token, "create a pool token", parents)
     create.add_argument("name", metavar="NAME")
+    create.add_argument(
+        "--expires-days",
+        metavar="DAYS",
+        type=float,
+        help="valid this many days (default: until revoked)",
+    )
     _command(actions, "list", _list_tokens, "list your pool tokens", parents)
     revoke = _command(actions, "revoke", _revoke_token, "revoke a pool token", parents)
     revoke.add_argument("token_id", metavar="ID")
@@ -372,8 +378,12 @@ def _check_key(args: argparse.Namespace) -> int:
 
 
 def _create_token(args: argparse.Namespace) -> int:
-    created = _logged_in_client(args).create_token(args.name)
-    print("Token created. Save it now, it will not be shown again:")
+    created = _logged_in_client(args).create_token(args.name, args.expires_days)
+    if created.get("expires_at"):
+        print(f"Token created, valid until {created['expires_at']}.")
+        print("Save it now, it will not be shown again:")
+    else:
+        print("Token created. Save it now, it will not be shown again:")
     print(created.get("token"))
     return 0
 
@@ -558,6 +568,7 @@ def _token_line(token: dict[str, Any]) -> str:
         "name": token.get("name"),
         "created": token.get("created_at"),
         "last_used": token.get("last_used_at") or "never",
+        "expires": token.get("expires_at") or "never",
     }
     return "- " + "  ".join(f"{k}={v}" for k, v in fields.items())
 

@@ -176,9 +176,12 @@ class APIPoolClient:
 
     # Pool tokens
 
-    def create_token(self, name: str) -> dict[str, Any]:
-        """Create a pool token for the proxy. The secret is in ``["token"]``, returned only once."""
-        return self._admin("POST", "/api/tokens", {"name": name})
+    def create_token(self, name: str, expires_in_days: float | None = None) -> dict[str, Any]:
+        """Create a pool token for the proxy, valid until revoked or, when given, for
+        ``expires_in_days``. The secret is in ``["token"]``, returned only once."""
+        return self._admin(
+            "POST", "/api/tokens", {"name": name, **_given(expires_in_days=expires_in_days)}
+        )
 
     def list_tokens(self) -> list[dict[str, Any]]:
         """Return your pool tokens (without their secrets)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import sqlite3
 from pathlib import Path
@@ -179,6 +180,29 @@ async def test_api_tokens_are_shown_once_and_revocable(member, server, http):
     assert (await alice.call("DELETE", f"/api/tokens/{created['id']}"))[0] == 204
     assert (await app.call("GET", "/api/me"))[0] == 401
     assert (await alice.call("DELETE", f"/api/tokens/{created['id']}"))[0] == 404
+
+
+async def test_an_api_token_can_be_given_a_lifetime(member, server, http):
+    alice = await member("alice")
+    for bad in (0, -1, "7", True, 3651):
+        status, data = await alice.call(
+            "POST", "/api/tokens", {"name": "app", "expires_in_days": bad}
+        )
+        assert (status, data["error"]["param"]) == (400, "expires_in_days"), bad
+    status, created = await alice.call(
+        "POST", "/api/tokens", {"name": "brief", "expires_in_days": 1.5 / 86400}
+    )
+    assert status == 201 and created["expires_at"].endswith("Z")
+    app = Member(http, server.admin_url, "alice")
+    app.token = created["token"]
+    assert (await app.call("GET", "/api/me"))[0] == 200
+    async with http.get(server.proxy_url + "/models", headers=app.auth) as answer:
+        assert answer.status == 200
+    await asyncio.sleep(1.6)
+    assert (await app.call("GET", "/api/me"))[0] == 401  # gone on both ports
+    async with http.get(server.proxy_url + "/models", headers=app.auth) as answer:
+        assert answer.status == 401
+    assert (await alice.call("GET", "/api/tokens"))[1]["tokens"] == []
 
 
 async def test_info_and_health(server, http):

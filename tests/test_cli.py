@@ -52,6 +52,10 @@ def test_walkthrough_register_login_add_list_logout(served, tmp_path: Path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "Key added successfully."
 
+    result = cli(served, work, "tokens", "create", "ci-job", "--expires-days", "7")
+    assert result.stdout.startswith("Token created, valid until 20"), result.stderr
+    assert "expires=20" in cli(served, work, "tokens", "list").stdout
+
     result = cli(served, work, "list-keys")
     lines = result.stdout.splitlines()
     assert lines[0] == "Your Keys:"

@@ -166,7 +166,7 @@ async def create_token(request: web.Request) -> web.Response:
     principal = principal_of(request)
     data = await json_object(request)
     secret, token = await services_of(request).accounts.create_api_token(
-        principal.user, data.get("name")
+        principal.user, data.get("name"), data.get("expires_in_days")
     )
     return web.json_response({**describe_token(token), "token": secret}, status=201)
 
