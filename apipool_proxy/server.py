@@ -174,7 +174,6 @@ def _websocket_dialer(
         forbidden_ports=forbidden_ports,
         connect_timeout=config.connect_timeout,
         read_timeout=config.read_timeout,
-        proxy=ForwardProxy.from_url(config.http_proxy) if config.http_proxy else None,
     )
 
 

@@ -531,14 +531,18 @@ async def test_https_and_wss_upstreams_go_through_the_forward_proxy(
 
 async def test_the_guard_judges_a_wss_host_before_asking_the_proxy(tunnel_proxy, tls_files):
     proxy = await tunnel_proxy()
-    upstream = UpstreamClient(AddressPolicy(False, frozenset()), connect_timeout=2, read_timeout=5)
+    upstream = UpstreamClient(
+        AddressPolicy(False, frozenset()),
+        connect_timeout=2,
+        read_timeout=5,
+        proxy=ForwardProxy.from_url(proxy.url()),
+    )
     dialer = WebSocketDialer(
         upstream,
         allow_private_networks=False,
         forbidden_ports=frozenset(),
         connect_timeout=2,
         read_timeout=5,
-        proxy=ForwardProxy.from_url(proxy.url()),
     )
     try:
         for url in ("https://localhost:9/v1/realtime", "wss://127.0.0.1:9/v1/realtime"):

@@ -123,6 +123,11 @@ class UpstreamClient:
         self._silence: SilenceWatch | None = None
 
     @property
+    def proxy(self) -> ForwardProxy | None:
+        """The forward proxy https upstreams are reached through; WebSocket sessions too."""
+        return self._proxy
+
+    @property
     def ssl_context(self) -> ssl.SSLContext:
         """How upstream TLS is verified; WebSocket sessions use it too."""
         return self._ssl

@@ -16,7 +16,7 @@ from aiohttp.tracing import Trace
 from yarl import URL
 
 from .. import netguard
-from .client import ForwardProxy, UpstreamClient
+from .client import UpstreamClient
 from .errors import UpstreamError
 
 
@@ -37,7 +37,6 @@ class WebSocketDialer:
         forbidden_ports: AbstractSet[int],
         connect_timeout: float,
         read_timeout: float,
-        proxy: ForwardProxy | None = None,
     ) -> None:
         self._upstream = upstream
         timeout = aiohttp.ClientTimeout(
@@ -54,6 +53,7 @@ class WebSocketDialer:
         self._proxy_url: URL | None = None
         self._proxy_headers: dict[str, str] = {}
         self._proxied: aiohttp.ClientSession | None = None
+        proxy = upstream.proxy  # the same one plain requests go through
         if proxy is not None:
             self._proxy_url = URL.build(scheme="http", host=proxy.host, port=proxy.port)
             if proxy.authorization is not None:
